@@ -1,0 +1,99 @@
+"""Load VLMs and their processors from Hugging Face directories (or hub names when a hub is reachable).
+
+One place decides how a checkpoint becomes ``(model, processor)``, so the learner, the rollout
+engines and the tests all see the same objects.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin, Qwen2_5_VLProcessor
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor without the video half.
+
+    In transformers 5.x the stock processor requires a torchvision-backed video processor, and
+    torchvision cannot be installed next to a CPU torch (see ENVIRONMENT.md). Images are all raylign
+    feeds the model, so the video processor is left out.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+
+def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> torch.dtype:
+    """``auto`` means bf16 on a GPU and fp32 on a CPU (CPU bf16 matmuls are slow and imprecise)."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _processor_class_name(path: Path) -> str | None:
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        f = path / name
+        if f.is_file():
+            cls = json.loads(f.read_text()).get("processor_class")
+            if cls:
+                return cls
+    return None
+
+
+def load_processor(name_or_path: str | Path, **kwargs) -> ProcessorMixin:
+    """Load the processor (tokenizer + image processor + chat template) of a VLM.
+
+    Qwen2.5-VL directories load as :class:`Qwen2_5_VLImageOnlyProcessor` when torchvision is
+    missing, so the same checkpoint works on CPU-only machines and GPU clusters.
+    """
+    path = Path(name_or_path)
+    cls_name = _processor_class_name(path) if path.is_dir() else None
+    if cls_name == Qwen2_5_VLImageOnlyProcessor.__name__ or (
+        cls_name in ("Qwen2_5_VLProcessor", "Qwen2VLProcessor") and not _has_torchvision()
+    ):
+        return Qwen2_5_VLImageOnlyProcessor.from_pretrained(str(name_or_path), **kwargs)
+    return AutoProcessor.from_pretrained(str(name_or_path), **kwargs)
+
+
+def _has_torchvision() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def load_model(
+    name_or_path: str | Path,
+    dtype: str = "auto",
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = "sdpa",
+) -> torch.nn.Module:
+    """Load an image-text-to-text model with ``AutoModelForImageTextToText`` (what vLLM and users load too)."""
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(name_or_path),
+        dtype=resolve_dtype(dtype, device),
+        attn_implementation=attn_implementation,
+    )
+    return model.to(device)
+
+
+def is_qwen_vl(model_or_config) -> bool:
+    """Qwen-VL models take ``image_grid_thw`` and compute 3-D mRoPE positions."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "model_type", "").startswith("qwen2")
+
+
+def vision_module_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the vision tower (and projector), for freezing it."""
+    names = [n for n, _ in model.named_parameters()]
+    keys = ("visual.", "vision_tower.", "multi_modal_projector.")
+    return tuple(sorted({n[: n.index(k) + len(k)] for n in names for k in keys if k in n}))

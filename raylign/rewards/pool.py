@@ -1,0 +1,240 @@
+"""A small pool of reward processes with a hard per-call timeout.
+
+Why hand-rolled: ``concurrent.futures.ProcessPoolExecutor`` cannot kill one stuck task, and
+``multiprocessing`` re-imports the parent's ``__main__`` in every child (a user's training script
+without a main guard would run again). Each pool process here is a fresh interpreter
+(``python -c``) talking over a socket pair; it loads the reward functions itself from their spec
+strings, so functions from ``path/to/file.py:fn`` need not pickle. A call that outruns its timeout,
+or a process that dies, costs that call only: the process is SIGKILLed and replaced in the
+background while the caller gets its answer at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Literal, Sequence
+
+import raylign
+
+logger = logging.getLogger(__name__)
+
+_RAYLIGN_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(raylign.__file__)))
+_CHILD_CMD = (
+    "import sys; sys.path.insert(0, {root!r}); "
+    "from raylign.rewards.pool import child_main; child_main(int(sys.argv[1]))"
+)
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """The outcome of one reward-function call on one group."""
+
+    status: Literal["ok", "timeout", "error"]
+    values: tuple[float | None, ...] | None  # [n] when status == "ok"
+    message: str = ""  # why, when not ok (the function's traceback tail, or how its process died)
+    elapsed_s: float = 0.0  # from sending the call to its answer (or to giving up on it)
+
+
+class _Process:
+    """One pool process and its end of the socket pair."""
+
+    def __init__(self, specs: Sequence[str]):
+        ours, theirs = socket.socketpair()
+        cmd = [sys.executable, "-c", _CHILD_CMD.format(root=_RAYLIGN_ROOT), str(theirs.fileno())]
+        self.popen = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
+        theirs.close()
+        self.conn = Connection(ours.detach())
+        self.conn.send(("init", list(sys.path), list(specs)))  # the child may still be importing
+        self.ready = False
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the process has loaded its functions; raise if it could not."""
+        if self.ready:
+            return
+        if not self.conn.poll(timeout_s):
+            raise RuntimeError(f"a reward process did not start within {timeout_s:.0f} s")
+        try:
+            kind, detail = self.conn.recv()
+        except (EOFError, OSError):
+            kind, detail = "died", f"exit code {self.popen.wait()}"
+        if kind != "ready":
+            raise RuntimeError(f"a reward process could not load the reward functions: {detail}")
+        self.ready = True
+
+    def kill(self) -> int | None:
+        """SIGKILL the process (a stuck one ignores anything softer) and reap it; its exit code."""
+        self.conn.close()
+        if self.popen.poll() is None:
+            self.popen.kill()
+        try:
+            return self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # unkillable (uninterruptible I/O): leave it to the OS
+            logger.warning("reward process %d did not exit after SIGKILL", self.popen.pid)
+            return None
+
+
+class RewardProcessPool:
+    """``size`` processes, each holding every reward function of ``specs``; thread-safe ``call``."""
+
+    def __init__(self, specs: Sequence[str], size: int = 2, start_timeout_s: float = 120.0):
+        if size < 1:
+            raise ValueError(f"a reward process pool needs at least one process, got size={size}")
+        self.specs = tuple(specs)
+        self.start_timeout_s = start_timeout_s
+        self.restarts = 0  # processes replaced after a timeout or a death
+        self._lock = threading.Lock()
+        self._closed = False
+        self._idle: queue.Queue[_Process] = queue.Queue()
+        self._live: set[_Process] = set()
+        for _ in range(size):
+            self._idle.put(self._start())
+
+    def _start(self) -> _Process:
+        proc = _Process(self.specs)
+        with self._lock:
+            self._live.add(proc)
+        return proc
+
+    def _replace(self, proc: _Process) -> _Process:
+        code = proc.kill()
+        with self._lock:
+            self._live.discard(proc)
+            self.restarts += 1
+        logger.info("replaced reward process %d (exit code %s)", proc.popen.pid, code)
+        return self._start()
+
+    def _acquire(self) -> _Process:
+        if self._closed:
+            raise RuntimeError("the reward process pool is closed")
+        proc = self._idle.get()
+        try:
+            if proc.popen.poll() is not None:  # died while idle (e.g. the OOM killer): not a call's fault
+                proc = self._replace(proc)
+            proc.wait_ready(self.start_timeout_s)
+        except BaseException:
+            self._idle.put(self._replace(proc))  # keep the pool's size; the next call retries
+            raise
+        return proc
+
+    def _release(self, proc: _Process) -> None:
+        if self._closed:
+            proc.kill()
+        else:
+            self._idle.put(proc)
+
+    def call(self, index: int, kwargs: dict[str, Any], n: int, timeout_s: float) -> CallResult:
+        """Run reward function ``index`` on ``kwargs``; expects ``n`` values back within ``timeout_s``."""
+        proc = self._acquire()
+        start = time.monotonic()
+        try:
+            proc.conn.send((index, kwargs, n))
+        except (OSError, EOFError):
+            proc = self._replace(proc)
+            return CallResult("error", None, "the reward process died before the call", 0.0)
+        except Exception as err:  # the arguments do not pickle; the process is untouched
+            self._release(proc)
+            return CallResult("error", None, f"cannot send the call: {type(err).__name__}: {err}", 0.0)
+        answered = proc.conn.poll(timeout_s)
+        elapsed = time.monotonic() - start
+        if not answered:
+            self._release(self._replace(proc))
+            return CallResult("timeout", None, f"no answer within {timeout_s:g} s", elapsed)
+        try:
+            status, payload = proc.conn.recv()
+        except (EOFError, OSError):
+            code = proc.popen.wait()
+            self._release(self._replace(proc))
+            return CallResult("error", None, f"the reward process died (exit code {code})", elapsed)
+        self._release(proc)
+        if status == "ok":
+            return CallResult("ok", tuple(payload), "", elapsed)
+        return CallResult("error", None, payload, elapsed)
+
+    def wait_ready(self) -> None:
+        """Block until every idle process has started (e.g. before timing calls)."""
+        procs = [self._acquire() for _ in range(self._idle.qsize())]
+        for proc in procs:
+            self._release(proc)
+
+    def close(self) -> None:
+        """Kill every process; calls still running get an error."""
+        self._closed = True
+        with self._lock:
+            procs, self._live = list(self._live), set()
+        for proc in procs:
+            proc.kill()
+
+
+# ---------------------------------------------------------------- child side
+
+
+def _check(out: Any, n: int) -> tuple[str, Any]:
+    """("ok", values) when ``out`` is n numbers / Nones (NaN reads as None), else ("error", why)."""
+    try:
+        values = list(out)
+    except TypeError:
+        return "error", f"returned a {type(out).__name__}, not a list of {n} floats"
+    if len(values) != n:
+        return "error", f"returned {len(values)} values for {n} completions"
+    clean: list[float | None] = []
+    for i, v in enumerate(values):
+        if v is None or (isinstance(v, numbers.Real) and math.isnan(v)):
+            clean.append(None)
+        elif isinstance(v, numbers.Real) and math.isfinite(v):
+            clean.append(float(v))
+        else:
+            return "error", f"value {i} is {v!r}; expected a finite float or None"
+    return "ok", clean
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit when the parent is gone (e.g. its Ray actor was killed), so no pool process outlives it."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def child_main(fd: int) -> None:
+    """Entry point of a pool process: load the functions, then answer calls until the socket closes."""
+    # Ctrl-C reaches the whole process group; the parent decides when this process stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _watch_parent(os.getppid())
+    conn = Connection(fd)
+    _, parent_path, specs = conn.recv()
+    sys.path.extend(p for p in parent_path if p not in sys.path)
+    from raylign.rewards.loader import load_reward_function  # after the path is the parent's
+
+    try:
+        fns = [load_reward_function(spec) for spec in specs]
+    except Exception as err:
+        conn.send(("load_error", f"{type(err).__name__}: {err}"))
+        return
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            index, kwargs, n = conn.recv()
+        except EOFError:
+            return
+        try:
+            reply = _check(fns[index](**kwargs), n)
+        except BaseException as err:  # report anything (even sys.exit) as this call's error
+            where = traceback.extract_tb(err.__traceback__)[-1]
+            reply = ("error", f"{type(err).__name__}: {err} (at {where.filename}:{where.lineno} in {where.name})")
+        conn.send(reply)

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import yaml
 
 from raylign.driver.metrics import read_metrics
-from raylign.report_plots import FAMILIES, TIME_KEYS, Run, is_num, expand, render_all
+from raylign.report_plots import FAMILIES, TIME_KEYS, Run, expand, is_num, render_all
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,16 @@ class RunReport:
         return self.run.name
 
 
-def main(run_dirs: Sequence[str], out: str | None = None) -> Path:
+def main(run_dirs: Sequence[str | Path], out: str | Path | None = None) -> Path:
     """Render plots and summaries of ``run_dirs`` into ``out`` and return it.
 
     ``out`` defaults to ``RUN_DIR/report`` for one run and ``./report`` for several.
     """
     if not run_dirs:
         raise ValueError("raylign report: give at least one run directory")
+    runs = [load_run(d) for d in run_dirs]  # first, so a wrong path leaves no empty report behind
     out_dir = Path(out) if out else (Path(run_dirs[0]) / "report" if len(run_dirs) == 1 else Path("report"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [load_run(d) for d in run_dirs]
     _dedupe_names(runs)
     plots = render_all([r.run for r in runs], out_dir)
     for r in runs:
@@ -71,12 +71,13 @@ def load_run(run_dir: str | Path) -> RunReport:
     """Read a run directory; a missing ``metrics.jsonl`` is an error that says what is expected."""
     path = Path(run_dir)
     if not (path / "metrics.jsonl").is_file():
-        raise FileNotFoundError(f"{path} has no metrics.jsonl: give a raylign run directory (output_dir/run_name)")
+        raise FileNotFoundError(f"{path} has no metrics.jsonl: give a run directory (output_dir/run_name)")
     config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
     config = config or {}
     samples, bad = _read_jsonl(path / "samples.jsonl")
     name = str(config.get("run_name") or path.resolve().name)
-    report = RunReport(Run(name, read_metrics(path)), path, str(config.get("method", "unknown")), samples, bad)
+    method = str(config.get("method", "unknown"))
+    report = RunReport(Run(name, read_metrics(path)), path, method, samples, unreadable_samples=bad)
     if bad:
         log.warning("%s: %d unreadable line(s) in samples.jsonl were skipped", path, bad)
     return report
@@ -125,14 +126,17 @@ def null_counts(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
 
 def summary_markdown(runs: Sequence[RunReport], plots: Sequence[Path]) -> str:
     """The human summary: runs table, final metrics, plots, samples."""
-    lines = ["# raylign report", "", "| run | method | steps | last step | wall time | best step | best by | value |",
+    lines = ["# raylign report", "",
+             "| run | method | steps | last step | wall time | best step | best by | value |",
              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         best = best_step(r.run.rows) or {"step": "-", "metric": "-", "value": None}
         last = r.run.rows[-1]["step"] if r.run.rows else "-"
         lines.append(f"| {_cell(r.name)} | {r.method} | {len(r.run.rows)} | {last} | "
-                     f"{_duration(wall_time(r.run.rows))} | {best['step']} | {best['metric']} | {_fmt(best['value'])} |")
-    nulls = [f"{r.name}: " + ", ".join(f"`{k}` x{n}" for k, n in c.items()) for r in runs if (c := null_counts(r.run.rows))]
+                     f"{_duration(wall_time(r.run.rows))} | {best['step']} | {best['metric']} "
+                     f"| {_fmt(best['value'])} |")
+    nulls = [f"{r.name}: " + ", ".join(f"`{k}` x{n}" for k, n in c.items())
+             for r in runs if (c := null_counts(r.run.rows))]
     if nulls:
         lines += ["", "Non-finite values (logged as null, not plotted): " + "; ".join(nulls)]
     lines += ["", "## Final metrics", "", *_final_table(runs), "", "## Plots", ""]
@@ -178,7 +182,7 @@ def summary_dict(runs: Sequence[RunReport], plots: Sequence[Path]) -> dict[str, 
 
 
 def sample_view(run: RunReport, index: int, sample: dict[str, Any], out: Path) -> dict[str, Any]:
-    """One sample as plain fields (text, rewards, thumbnail path relative to ``out``); writes the thumbnail."""
+    """One sample as plain fields (text, rewards, thumbnail path relative to ``out``); writes the thumb."""
     image = sample.get("image") or next(iter(sample.get("images") or []), None)
     thumb = None
     if isinstance(image, str):
@@ -253,7 +257,8 @@ def _text(value: Any) -> str:
     if isinstance(value, dict):
         if "content" in value:
             return _text(value["content"])
-        return value.get("text", "") if value.get("type") == "text" else "[image]" if value.get("type") == "image" else ""
+        kind = value.get("type")
+        return value.get("text", "") if kind == "text" else "[image]" if kind == "image" else ""
     return str(value)
 
 

@@ -1,4 +1,4 @@
-"""PNG plots of one or more runs' ``metrics.jsonl``, drawn with matplotlib's Agg canvas (no pyplot, no display).
+"""PNG plots of one or more runs' ``metrics.jsonl``, drawn on matplotlib's Agg canvas (no pyplot, no display).
 
 Each figure is a *family* (rewards, lengths, policy, time, pipeline, training) made of panels; a panel is a
 ``(title, keys)`` spec. Keys may be shell patterns (``reward/*/mean``). A panel is drawn only when one of
@@ -28,7 +28,8 @@ FAMILIES: dict[str, list[Spec]] = {
     ],
     "policy": [
         ("KL to reference", ["kl"]),
-        ("Clip fraction", ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/*"]),
+        ("Clip fraction",
+         ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/*"]),
     ],
     "pipeline": [
         ("Staleness (policy versions)", ["staleness/mean", "staleness/max"]),
@@ -50,6 +51,8 @@ TIME_KEYS = ["time/generate", "time/reward", "time/train", "time/sync", "time/wa
 DPI = 120
 PANEL_SIZE = (7.0, 4.2)  # inches: one panel is 840x504 px
 STYLES = ["-", "--", ":", "-."]
+UNSMOOTHED = {"learning_rate"}  # a schedule, not a noisy measurement: smoothing would only add lag
+SPARSE = 20  # series with at most this many points (e.g. evals) get point markers
 
 
 @dataclass
@@ -92,8 +95,8 @@ def ema(values: Sequence[float], weight: float) -> list[float]:
 
 
 def smoothing_weight(n: int) -> float:
-    """Light smoothing that grows with the run: none for <= 10 points, 0.67 at 30, at most 0.9."""
-    return min(0.9, max(0.0, 1.0 - 10.0 / n)) if n else 0.0
+    """Light smoothing that grows with the run: none for <= 15 points, 0.5 at 30, at most 0.85 (from 100)."""
+    return min(0.85, max(0.0, 1.0 - 15.0 / n)) if n else 0.0
 
 
 ORDER = ["rewards", "lengths", "policy", "time", "pipeline", "training"]
@@ -132,6 +135,7 @@ def plot_time(runs: Sequence[Run], out: Path) -> Path | None:
         ax.stackplot(steps, stacks, labels=[k.split("/", 1)[1] for k in keys],
                      colors=[colors[TIME_KEYS.index(k)] for k in keys], alpha=0.85, step="mid")
         _style(ax, f"Time per step (s) - {run.name}" if len(runs) > 1 else "Time per step (s)")
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.15)  # headroom so the legend does not hide the tallest steps
         ax.legend(loc="upper left", fontsize=8, ncol=len(keys), frameon=False)
     return _save(fig, out / "time.png")
 
@@ -146,11 +150,11 @@ def _draw_lines(ax, runs: Sequence[Run], keys: Sequence[str]) -> None:
                 continue
             label = _label(run.name, key, len(runs), len(keys))
             style = STYLES[i % len(STYLES)]
-            weight = smoothing_weight(len(y))
+            weight = 0.0 if key in UNSMOOTHED else smoothing_weight(len(y))
             if weight > 0:
-                ax.plot(x, y, color=color, linestyle=style, linewidth=1, alpha=0.25)
+                ax.plot(x, y, color=color, linestyle=style, linewidth=1, alpha=0.3)
             ax.plot(x, ema(y, weight), color=color, linestyle=style, linewidth=2, label=label,
-                    marker="o" if len(x) == 1 else None)
+                    marker="o" if len(x) <= SPARSE else None, markersize=3)
     ax.legend(fontsize=8, frameon=False)
 
 
@@ -181,7 +185,10 @@ def _grid(n: int, sharey: bool = False):
 
 
 def _style(ax, title: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_title(title, fontsize=11, loc="left")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)

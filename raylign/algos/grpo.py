@@ -220,7 +220,7 @@ def _clip_metrics(
     """
     coef_1_bounded = coef_1_bounded.detach()
     low = (coef_1_bounded < 1 - cfg.epsilon) & (adv < 0)
-    high = (coef_1 > 1 + cfg.clip_high) & (adv > 0)
+    high = (coef_1_bounded > 1 + cfg.clip_high) & (adv > 0)
     if coef_1.shape[-1] == 1:  # sequence level: one value per sequence, every sequence counts
         mask = torch.ones_like(coef_1, dtype=torch.bool)
     dtype = coef_1.dtype

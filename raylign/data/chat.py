@@ -19,14 +19,42 @@ def is_conversational(prompt: Any) -> bool:
 
 
 def to_messages(prompt: Any, num_images: int = 0) -> Messages:
-    """Normalise a prompt to conversational messages; plain text gets its images prepended."""
+    """Normalise a prompt to conversational messages; plain text gets its images prepended.
+
+    Conversational prompts are copied with ``None``-valued keys dropped from content parts (Arrow
+    stores parts as structs, so a text part read back from a dataset carries ``"image": None``, which
+    real Qwen templates take for an image). A conversation with no image part but ``num_images``
+    images gets them at the start of its first user turn, as TRL does.
+    """
     if is_conversational(prompt):
-        return [dict(m) for m in prompt]
+        messages = [_clean_message(m) for m in prompt]
+        if num_images and count_image_parts(messages) == 0:
+            _insert_image_parts(messages, num_images)
+        return messages
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
     parts: list[dict[str, Any]] = [{"type": "image"} for _ in range(num_images)]
     parts.append({"type": "text", "text": prompt})
     return [{"role": "user", "content": parts}]
+
+
+def _clean_message(message: dict[str, Any]) -> dict[str, Any]:
+    out = dict(message)
+    content = out.get("content")
+    if isinstance(content, (list, tuple)):
+        out["content"] = [
+            {k: v for k, v in part.items() if v is not None} if isinstance(part, dict) else part for part in content
+        ]
+    return out
+
+
+def _insert_image_parts(messages: Messages, num_images: int) -> None:
+    user = next((m for m in messages if m.get("role") == "user"), None)
+    if user is None:
+        raise ValueError(f"{num_images} image(s) given but the conversation has no user turn to put them in")
+    content = user.get("content")
+    text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+    user["content"] = [{"type": "image"} for _ in range(num_images)] + text
 
 
 def count_image_parts(messages: Messages) -> int:

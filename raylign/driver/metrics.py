@@ -102,13 +102,22 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Load ``metrics.jsonl`` of a run (the last row wins when a resumed run repeated a step)."""
+    """Load ``metrics.jsonl`` of a run (the last row wins when a resumed run repeated a step).
+
+    A run that is still writing may have a half-written last line: it is skipped, not fatal.
+    """
     rows: dict[int, dict[str, Any]] = {}
-    with open(Path(run_dir) / "metrics.jsonl") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                rows[row["step"]] = row
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # being written right now
+                continue
+            raise ValueError(f"{run_dir}/metrics.jsonl line {i + 1} is not JSON: {line[:80]!r}") from None
+        rows[row["step"]] = row
     return [rows[s] for s in sorted(rows)]
 
 

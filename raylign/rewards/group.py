@@ -36,10 +36,14 @@ class _Slot:
 
 @dataclass
 class _Pending:
+    """A submitted call: what it scores, where it runs, and the ref that will hold its answer."""
+
     rollouts: list[Rollout]
     slot: _Slot
-    generation: int
-    single: bool  # submitted with score() (resolves to one ScoredGroup), else score_many()
+    generation: int  # of the slot's actor when sent
+    single: bool  # sent to score() (resolves to one ScoredGroup), else score_many() (a list)
+    current: ray.ObjectRef  # the ref to wait on (a resent call's, after its worker died)
+    retried: bool = False
 
 
 class RewardGroup:
@@ -122,13 +126,15 @@ class RewardGroup:
     def _least_loaded(self) -> _Slot:
         return min(self._slots, key=lambda s: s.inflight)  # first among equals: stable, round-robin-like
 
-    def _submit(self, rollouts: list[Rollout], slot: _Slot, single: bool) -> ray.ObjectRef:
-        if single:
-            ref = slot.handle.score.remote(rollouts[0])
-        else:
-            ref = slot.handle.score_many.remote(rollouts)
+    def _send(self, rollouts: list[Rollout], slot: _Slot, single: bool) -> ray.ObjectRef:
         slot.inflight += 1
-        self._pending[ref] = _Pending(rollouts, slot, slot.generation, single)
+        if single:
+            return slot.handle.score.remote(rollouts[0])
+        return slot.handle.score_many.remote(rollouts)
+
+    def _submit(self, rollouts: list[Rollout], slot: _Slot, single: bool) -> ray.ObjectRef:
+        ref = self._send(rollouts, slot, single)
+        self._pending[ref] = _Pending(rollouts, slot, slot.generation, single, ref)
         return ref
 
     def score_async(self, rollout: Rollout) -> ray.ObjectRef:
@@ -159,48 +165,55 @@ class RewardGroup:
 
     def get(self, refs: Sequence[ray.ObjectRef]) -> list[ScoredGroup]:
         """Resolve refs from ``score_async`` in order, replacing a dead worker and retrying its groups once."""
-        out: list[ScoredGroup] = []
-        for ref in refs:
-            result = self._collect(ref)
-            out.append(result[0] if isinstance(result, list) else result)
-        return out
+        return [self._collect(ref) for ref in refs]
 
     def _collect(self, ref: ray.ObjectRef) -> Any:
         pending = self._pending.pop(ref, None)
-        if pending is None:  # in-process ray.put ref, or one collected before
+        if pending is None:  # an in-process ray.put ref, or one collected before
             return ray.get(ref)
-        pending.slot.inflight -= 1
         try:
-            return ray.get(ref)
-        except RayActorError as err:
-            return self._retry(pending, err)
+            while True:
+                try:
+                    return ray.get(pending.current)
+                except RayActorError as err:
+                    if pending.retried:
+                        uids = [r.request.uid for r in pending.rollouts]
+                        raise RuntimeError(
+                            f"reward worker died twice while scoring groups {uids}; check the actor "
+                            "logs (out of memory? a reward function that brings down its host process?)"
+                        ) from err
+                    self._on_death(pending, err)
         finally:
+            pending.slot.inflight -= 1
             self._retire_if_idle(pending.slot)
 
-    def _retry(self, pending: _Pending, err: RayActorError) -> Any:
+    def _on_death(self, pending: _Pending, err: RayActorError) -> None:
+        """Replace the dead actor (once) and resend every call it held, so retries overlap."""
         slot = pending.slot
-        if slot.generation == pending.generation:  # first news of this death: replace it
-            logger.warning("reward worker died (%s); starting a replacement", type(err).__name__)
-            ray.kill(slot.handle)  # no-op when already dead; stops an unreachable one for good
-            slot.handle = self._new_actor()
-            slot.generation += 1
-            self.restarts += 1
-        if slot.generation < 0 and self._local is not None:  # scaled down to in-process meanwhile
-            scored = self._local.score_many(pending.rollouts)
-            return scored[0] if pending.single else scored
-        target = slot if slot.generation >= 0 else self._least_loaded()
-        ref = self._submit(pending.rollouts, target, pending.single)
-        self._pending.pop(ref)
-        try:
-            return ray.get(ref)
-        except RayActorError as again:
-            uids = [r.request.uid for r in pending.rollouts]
-            raise RuntimeError(
-                f"reward worker died twice while scoring groups {uids}; check the actor logs "
-                "(out of memory? a reward function that brings down its host process?)"
-            ) from again
-        finally:
-            target.inflight -= 1
+        if slot.generation != pending.generation:  # already replaced, or retired by scale()
+            self._resend(pending, slot if slot.generation >= 0 else None)
+            return
+        logger.warning("reward worker died (%s); starting a replacement", type(err).__name__)
+        ray.kill(slot.handle)  # a no-op when dead; stops an unreachable one for good
+        slot.handle = self._new_actor()
+        slot.generation += 1
+        self.restarts += 1
+        for other in [pending, *self._pending.values()]:
+            if other.slot is slot and other.generation == slot.generation - 1 and not other.retried:
+                self._resend(other, slot)
+
+    def _resend(self, pending: _Pending, slot: _Slot | None) -> None:
+        """Send ``pending`` again, to ``slot`` or (None) the least-loaded worker; it will not be retried again."""
+        pending.retried = True
+        if slot is None and not self._slots:  # scaled down to in-process meanwhile
+            scored = self._local.score_many(pending.rollouts)  # type: ignore[union-attr]
+            pending.current = ray.put(scored[0] if pending.single else scored)
+            return
+        target = slot or self._least_loaded()
+        pending.slot.inflight -= 1
+        self._retire_if_idle(pending.slot)
+        pending.current = self._send(pending.rollouts, target, pending.single)
+        pending.slot, pending.generation = target, target.generation
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -16,8 +16,8 @@ from raylign.rewards.group import RewardGroup
 HELPERS = '''
 import time
 
-def slow_len(completions, **kwargs):
-    time.sleep(0.3)
+def slow_len(completions, delay=None, **kwargs):
+    time.sleep(delay[0] if delay else 0.0)
     return [float(len(c if isinstance(c, str) else c[0]["content"])) for c in completions]
 '''
 
@@ -30,16 +30,30 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def helpers(tmp_path_factory: pytest.TempPathFactory) -> str:
+def group(ray_local, tmp_path_factory: pytest.TempPathFactory):
+    """Two threaded worker actors shared by the tests below (an actor start costs seconds on 2 cores)."""
     path = tmp_path_factory.mktemp("rewards") / "actor_helpers.py"
     path.write_text(HELPERS)
-    return str(path)
+    specs = ["accuracy", "format", f"{path}:slow_len"]
+    group = RewardGroup(specs, [1.0, 10.0, 1.0], num_workers=2, max_concurrency=4, num_cpus_per_worker=0.5)
+    yield group
+    group.close()
 
 
-def make_rollout(texts: list[str], solution: str, uid: str) -> Rollout:
+def make_rollout(texts: list[str], solution: str, uid: str, delay: float | None = None) -> Rollout:
     completions = tuple(Completion((1, 2), (0.0, 0.0), t, "stop") for t in texts)
-    request = RolloutRequest(uid=uid, prompt=[{"role": "user", "content": "?"}], columns={"solution": solution})
+    columns = {"solution": solution} if delay is None else {"solution": solution, "delay": delay}
+    request = RolloutRequest(uid=uid, prompt=[{"role": "user", "content": "?"}], columns=columns)
     return Rollout(request, completions, policy_version=0)
+
+
+def slow_rollouts(delay: float = 0.3) -> list[Rollout]:
+    """Eight groups whose slow_len call takes ``delay`` s; 'x' * i scores i (+10 for format, accuracy 0)."""
+    return [make_rollout(["x" * i, "<think></think><answer></answer>"], "7", f"r{i}", delay) for i in range(8)]
+
+
+def expected_slow_rewards() -> list[tuple[float, ...]]:
+    return [(float(i), 32.0 + 10.0) for i in range(8)]
 
 
 def accuracy_cases(n: int = 240) -> list[tuple[str, str]]:
@@ -48,7 +62,7 @@ def accuracy_cases(n: int = 240) -> list[tuple[str, str]]:
     for i in range(n):
         num, den = (i % 37) - 18 or 1, (2, 4, 5, 8)[i % 4] if i % 3 else 1
         gold = [f"{num}", f"\\frac{{{num}}}{{{den}}}", f"{num / den:g}"][i % 3]
-        got = num if i % 4 else num + den  # off by one
+        got = num if i % 4 else num + den  # off by one whole
         answer = [f"{got}", f"{got / den:g}", f"\\frac{{{got}}}{{{den}}}"][i % 3]
         cases.append((gold, f"<think>...</think><answer>{answer}</answer>" if i % 2 else f"so \\boxed{{{answer}}}"))
     return cases
@@ -71,7 +85,7 @@ class DirectScorer:
         return "no error"
 
 
-def test_accuracy_in_a_threaded_actor_matches_in_process() -> None:
+def test_accuracy_in_a_threaded_actor_matches_in_process(group: RewardGroup) -> None:
     cases = accuracy_cases()
     reference = accuracy_reward(completions=[c for _, c in cases], solution=[s for s, _ in cases])
     assert reference.count(1.0) == 180 and reference.count(0.0) == 60
@@ -83,53 +97,47 @@ def test_accuracy_in_a_threaded_actor_matches_in_process() -> None:
     assert [v for out in ray.get(refs) for v in out] == reference
     ray.kill(actor)
 
-    group = RewardGroup(["accuracy"], num_workers=1, max_concurrency=4, num_cpus_per_worker=0.5)
     rollouts = [make_rollout([c], s, f"r{i}") for i, (s, c) in enumerate(cases)]
-    refs = [group.score_async(r) for r in rollouts]  # overlapping requests on one threaded actor
+    refs = [group.score_async(r) for r in rollouts]  # overlapping requests on threaded actors
     assert [g.per_function["accuracy"][0] for g in group.get(refs)] == reference
-    group.close()
 
 
-def test_two_workers_score_in_order(helpers: str) -> None:
-    group = RewardGroup([f"{helpers}:slow_len", "format"], [1.0, 10.0], num_workers=2, num_cpus_per_worker=1)
+def test_two_workers_score_in_order(group: RewardGroup) -> None:
     assert group.num_workers == 2
-    rollouts = [make_rollout(["x" * i, "<think></think><answer></answer>"], "1", f"r{i}") for i in range(8)]
+    before = group.stats()
     start = time.perf_counter()
-    scored = group.score(rollouts)
+    scored = group.score(slow_rollouts())
     elapsed = time.perf_counter() - start
     assert [g.rollout.request.uid for g in scored] == [f"r{i}" for i in range(8)]
-    assert [g.rewards for g in scored] == [(float(i), 32.0 + 10.0) for i in range(8)]
+    assert [g.rewards for g in scored] == expected_slow_rewards()
     # 8 calls of 0.3 s on 2 workers x 2 processes: about 0.6 s, not 2.4 s.
     assert elapsed < 1.8, f"{elapsed:.2f} s"
     stats = group.stats()
-    assert stats["groups"] == 8 and stats["calls"] == 16 and stats["restarts"] == 0
-    group.close()
+    assert stats["groups"] - before["groups"] == 8 and stats["calls"] - before["calls"] == 24
+    assert stats["restarts"] == 0 and stats["timeouts"] == 0 and stats["errors"] == 0
 
 
-def test_killed_worker_is_replaced_and_scoring_completes(helpers: str) -> None:
-    group = RewardGroup([f"{helpers}:slow_len"], num_workers=2, num_cpus_per_worker=1)
-    rollouts = [make_rollout(["x" * i], "1", f"r{i}") for i in range(8)]
+def test_killed_worker_is_replaced_and_scoring_completes(group: RewardGroup) -> None:
+    rollouts = slow_rollouts()
     # Async path: kill a worker while its calls are running, then collect.
     refs = [group.score_async(r) for r in rollouts]
     time.sleep(0.15)
     victim = group.actors[0]
     ray.kill(victim)
-    scored = group.get(refs)
-    assert [g.rewards for g in scored] == [(float(i),) for i in range(8)]
+    assert [g.rewards for g in group.get(refs)] == expected_slow_rewards()
     assert group.restarts == 1 and group.num_workers == 2 and victim not in group.actors
     # Sync path: kill during score(); the killed worker's share is scored again on its replacement.
     timer = threading.Timer(0.15, ray.kill, args=(group.actors[1],))
     timer.start()
     scored = group.score(rollouts)
     timer.join()
-    assert [g.rewards for g in scored] == [(float(i),) for i in range(8)]
-    assert group.restarts == 2
-    group.close()
+    assert [g.rewards for g in scored] == expected_slow_rewards()
+    assert group.restarts == 2 and group.num_workers == 2
 
 
 def test_scale_and_in_process_mode() -> None:
     rollouts = [make_rollout(["<think></think><answer>2</answer>"], "2", f"r{i}") for i in range(5)]
-    group = RewardGroup(["format", "accuracy"], num_workers=0)
+    group = RewardGroup(["format", "accuracy"], num_workers=0, num_cpus_per_worker=0.5)
     assert group.num_workers == 0
     assert [g.rewards for g in group.score(rollouts)] == [(2.0,)] * 5
     assert group.get([group.score_async(rollouts[0])])[0].rewards == (2.0,)

@@ -1,4 +1,4 @@
-"""`raylign report`: plots exist only for logged keys, are real pictures, and the summary names the best step."""
+"""`raylign report`: plots exist only for logged keys, are real pictures, the summary names the best step."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def _grpo_run(root: Path, name: str, seed: int, with_eval: bool) -> Path:
                 metrics["eval/accuracy"] = {25: 0.9, 30: 0.85}.get(step, step / 40)
             logger.log(step, metrics)
         logger.log_samples(30, [
-            {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many dots?"}]}],
+            {"prompt": [{"role": "user",
+                         "content": [{"type": "image"}, {"type": "text", "text": "How many dots?"}]}],
              "completion": "<think>count</think> 3 | done", "reward": 1.5,
              "rewards": {"format": 1.0, "accuracy": 0.5}, "image": _png_b64()},
             {"prompt": "Colour of the square?", "completion": "red", "reward": 0.0, "reward/format": None},
@@ -68,15 +69,16 @@ def _sft_run(root: Path) -> Path:
     (run / "config.yaml").write_text(yaml.safe_dump({"method": "sft", "run_name": "sft-a"}))
     with MetricsLogger(run, report_to=["none"]) as logger:
         for step in range(1, 21):
-            logger.log(step, {"loss": 2.0 / step ** 0.5, "grad_norm": 3.0 / step, "learning_rate": 1e-5 * (1 - step / 20)})
+            lr = 1e-5 * (1 - step / 20)
+            logger.log(step, {"loss": 2.0 / step**0.5, "grad_norm": 3.0 / step, "learning_rate": lr})
     return run
 
 
 def _assert_real_picture(path: Path) -> None:
     with Image.open(path) as im:
         assert im.width >= 800 and im.height >= 500, (path.name, im.size)
-        pixels = np.asarray(im.convert("RGB"))
-    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+        pixels = np.asarray(im.convert("RGB")).astype(np.int32)
+    colours = len(np.unique(pixels[..., 0] << 16 | pixels[..., 1] << 8 | pixels[..., 2]))
     assert colours >= 20, (path.name, colours)
     assert pixels.std() > 10, (path.name, pixels.std())
 
@@ -89,8 +91,9 @@ def two_runs(tmp_path_factory):
     (b / "images").mkdir()
     Image.open(io.BytesIO(base64.b64decode(_png_b64(200)))).save(b / "images" / "s0.png")
     with open(b / "samples.jsonl", "a") as f:
-        f.write(json.dumps({"step": 30, "prompt": "p", "completion": "c", "reward": 1, "image": "images/s0.png"}) + "\n")
-        f.write(json.dumps({"step": 30, "prompt": "p", "completion": "c", "reward": 0, "image": "missing.png"}) + "\n")
+        for reward, image in [(1, "images/s0.png"), (0, "missing.png")]:
+            row = {"step": 30, "prompt": "p", "completion": "c", "reward": reward, "image": image}
+            f.write(json.dumps(row) + "\n")
     out = main([str(a), str(b)], str(root / "report"))
     return a, b, out
 
@@ -159,7 +162,8 @@ def test_sparse_run_does_not_crash(tmp_path):
 def test_wall_time_sums_resumed_segments_and_best_ties():
     rows = [{"step": i, "time/elapsed": e} for i, e in enumerate([10.0, 20.0, 5.0, 15.0])]
     assert wall_time(rows) == 35.0
-    assert best_step([{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.5}]) == {"step": 1, "metric": "loss", "value": 0.5}
+    tie = [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.5}]
+    assert best_step(tie) == {"step": 1, "metric": "loss", "value": 0.5}
     assert best_step([{"step": 1}]) is None
     assert ema([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull toward 0
     assert math.isclose(ema([0.0, 1.0], 0.5)[1], 2 / 3)

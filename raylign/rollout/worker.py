@@ -1,0 +1,73 @@
+"""``RolloutWorker``: one rollout engine in one process; ``start_rollout_worker`` makes it a Ray actor.
+
+The class is plain (usable in-process, as ``RolloutGroup(num_workers=0)`` does); the remote class is
+made here and nowhere else. Actors run one call at a time, so a weight load queued behind a
+``generate`` call never changes the weights under it, and every Rollout's version is exact.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Sequence
+
+import ray
+
+from raylign.protocol import Rollout, RolloutRequest
+from raylign.rollout.engine import EngineSpec, NamedTensors, make_engine
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """Ray resources of one rollout worker actor (vLLM with TP=k wants ``num_gpus=k``)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    resources: Mapping[str, float] = field(default_factory=dict)  # custom ones, e.g. {"rollout": 1}
+
+
+class RolloutWorker:
+    """Builds an engine from ``spec`` and exposes it, stamping rollouts with ``worker_id``."""
+
+    def __init__(self, spec: EngineSpec, worker_id: str):
+        self.worker_id = worker_id
+        self.engine = make_engine(spec)
+
+    def generate(self, requests: Sequence[RolloutRequest]) -> list[Rollout]:
+        return [replace(r, worker=self.worker_id) for r in self.engine.generate(requests)]
+
+    def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
+        return self.engine.load_weights(named_tensors, version)
+
+    def set_version(self, version: int) -> None:
+        self.engine.set_version(version)
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake(self) -> None:
+        self.engine.wake()
+
+    def model_fingerprint(self) -> float:
+        return self.engine.model_fingerprint()
+
+    def ping(self) -> dict:
+        """Liveness and identity: worker id, weights version, process id."""
+        return {"worker_id": self.worker_id, "version": self.engine.version, "pid": os.getpid()}
+
+
+_RemoteRolloutWorker = ray.remote(RolloutWorker)
+
+
+def start_rollout_worker(spec: EngineSpec, worker_id: str, resources: WorkerResources) -> "ray.actor.ActorHandle":
+    """Start a ``RolloutWorker`` actor (never restarted by Ray: its group replaces it and re-queues)."""
+    return _RemoteRolloutWorker.options(
+        num_cpus=resources.num_cpus,
+        num_gpus=resources.num_gpus,
+        resources=dict(resources.resources),
+        max_restarts=0,
+        max_concurrency=1,
+    ).remote(spec, worker_id)

@@ -194,7 +194,7 @@ def dpo_loss(
     if policy_chosen_logps.dim() != 1:
         raise ValueError(f"logps must be [B], got shape {tuple(policy_chosen_logps.shape)}")
     pairs = _Pairs(
-        chosen=policy_chosen_logps - ref_chosen_logps.detach() * 1.0000001,
+        chosen=policy_chosen_logps - ref_chosen_logps.detach(),
         rejected=policy_rejected_logps - ref_rejected_logps.detach(),
         beta=cfg.beta,
         label_smoothing=cfg.label_smoothing,

@@ -1,4 +1,6 @@
-"""Built-in reward functions, with TRL's signature ``fn(prompts, completions, **columns) -> list[float | None]``.
+"""Built-in reward functions, with TRL's signature ``fn(prompts, completions, **columns)``.
+
+Each returns ``list[float | None]``, one value per completion.
 
 ``completions`` are conversational (``[[{"role": "assistant", "content": text}], ...]``) when the
 prompts are, else plain strings. ``None`` means "no opinion" and is left out of the weighted sum.
@@ -13,7 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
@@ -26,7 +29,7 @@ _ANSWER_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionC
 
 
 class _DropDisabledTimeoutWarning(logging.Filter):
-    """math-verify warns once per process that its timeout is off; here that is on purpose (the pool times out)."""
+    """math-verify warns once per process that its timeout is off; here that is on purpose (see above)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Timeout is disabled")
@@ -76,7 +79,7 @@ def accuracy_reward(completions: Sequence[Any], solution: Sequence[Any], **kwarg
         raise ValueError(f"accuracy_reward: {len(completions)} completions but {len(solution)} solutions")
     cache: dict[str, list] = {}
     rewards: list[float | None] = []
-    for completion, sol in zip(completions, solution):
+    for completion, sol in zip(completions, solution, strict=True):
         gold = _gold(sol, cache)
         if not gold:
             rewards.append(None)

@@ -1,4 +1,4 @@
-"""``RewardGroup``: N Ray actors, each wrapping a ``RewardWorker``; with ``num_workers=0``, one in-process worker.
+"""``RewardGroup``: N Ray actors, each wrapping a ``RewardWorker``; ``num_workers=0`` scores in-process.
 
 A worker actor that dies (killed, its node lost) is replaced on the next result that shows it,
 and the groups it held are scored once more on the replacement; ``restarts`` counts replacements.
@@ -8,8 +8,9 @@ Resolve refs from ``score_async`` with ``get`` to get that retry (a plain ``ray.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import ray
 from ray.actor import ActorHandle
@@ -68,7 +69,10 @@ class RewardGroup:
         specs = [as_spec(f) for f in ([reward_funcs] if isinstance(reward_funcs, str) else reward_funcs)]
         load_reward_functions(specs, reward_weights)  # a bad spec fails here, before any actor starts
         self._worker_kwargs = dict(
-            reward_funcs=specs, reward_weights=reward_weights, timeout_s=timeout_s, num_processes=num_processes
+            reward_funcs=specs,
+            reward_weights=reward_weights,
+            timeout_s=timeout_s,
+            num_processes=num_processes,
         )
         self._actor_options = dict(max_concurrency=max_concurrency, num_cpus=num_cpus_per_worker)
         self._slots: list[_Slot] = []
@@ -140,7 +144,8 @@ class RewardGroup:
     def score_async(self, rollout: Rollout) -> ray.ObjectRef:
         """Start scoring one group; the ref resolves to a ``ScoredGroup`` (use ``get`` for the retry).
 
-        In-process (``num_workers=0``) it scores now and returns a ``ray.put`` ref.
+        In-process (``num_workers=0``) it scores now and returns a ``ray.put`` ref. Collect every ref
+        with ``get``: until then it counts as load on its worker (the least-loaded choice reads it).
         """
         if self._local is not None:
             return ray.put(self._local.score(rollout))
@@ -164,7 +169,7 @@ class RewardGroup:
         return out  # type: ignore[return-value]
 
     def get(self, refs: Sequence[ray.ObjectRef]) -> list[ScoredGroup]:
-        """Resolve refs from ``score_async`` in order, replacing a dead worker and retrying its groups once."""
+        """Resolve ``score_async`` refs in order, replacing a dead worker and retrying its groups once."""
         return [self._collect(ref) for ref in refs]
 
     def _collect(self, ref: ray.ObjectRef) -> Any:
@@ -203,7 +208,7 @@ class RewardGroup:
                 self._resend(other, slot)
 
     def _resend(self, pending: _Pending, slot: _Slot | None) -> None:
-        """Send ``pending`` again, to ``slot`` or (None) the least-loaded worker; it will not be retried again."""
+        """Send ``pending`` again, to ``slot`` or (None) the least-loaded worker; at most once."""
         pending.retried = True
         if slot is None and not self._slots:  # scaled down to in-process meanwhile
             scored = self._local.score_many(pending.rollouts)  # type: ignore[union-attr]
@@ -218,8 +223,10 @@ class RewardGroup:
     # ------------------------------------------------------------------ bookkeeping
 
     def stats(self) -> dict[str, int]:
-        """Totals over the current workers (groups, calls, timeouts, errors, process_restarts) and restarts."""
-        per_worker = [self._local.stats()] if self._local else ray.get([s.handle.stats.remote() for s in self._slots])
+        """Totals over current workers (groups, calls, timeouts, errors, process_restarts), restarts."""
+        per_worker = (
+            [self._local.stats()] if self._local else ray.get([s.handle.stats.remote() for s in self._slots])
+        )
         keys = ("groups", "calls", "timeouts", "errors", "process_restarts")
         totals = {k: sum(w[k] for w in per_worker) for k in keys}
         return {**totals, "num_workers": self.num_workers, "restarts": self.restarts}

@@ -21,9 +21,10 @@ import importlib.util
 import os
 import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from raylign.rewards.builtin import BUILTIN_FACTORIES, BUILTIN_REWARDS, RewardFn
 
@@ -52,9 +53,7 @@ def _split(spec: str) -> tuple[str, dict[str, Any] | None]:
     """``target`` and its keyword arguments (None when the spec has no parentheses)."""
     match = _SPEC.fullmatch(spec) if isinstance(spec, str) else None
     if match is None:
-        raise _fail(
-            str(spec), "expected a builtin name, 'module:function' or 'path/to/file.py:function'"
-        )
+        raise _fail(str(spec), "expected a builtin name, 'module:function' or 'path/to/file.py:function'")
     args = match.group("args")
     if args is None:
         return match.group("target"), None
@@ -154,9 +153,7 @@ def load_reward_function(spec: str) -> RewardFn:
     return reward_name_and_function(spec)[1]
 
 
-def load_reward_functions(
-    specs: Sequence[str], weights: Sequence[float] | None = None
-) -> list[LoadedReward]:
+def load_reward_functions(specs: Sequence[str], weights: Sequence[float] | None = None) -> list[LoadedReward]:
     """Load every spec; ``weights`` (TRL's ``reward_weights``) default to 1.0 each.
 
     Names are unique: a second function with the same name gets a ``_2`` suffix, and so on.
@@ -174,7 +171,7 @@ def load_reward_functions(
         )
     loaded: list[LoadedReward] = []
     seen: dict[str, int] = {}
-    for spec, weight in zip(specs, weights):
+    for spec, weight in zip(specs, weights, strict=True):
         name, fn = reward_name_and_function(spec)
         seen[name] = seen.get(name, 0) + 1
         unique = name if seen[name] == 1 else f"{name}_{seen[name]}"

@@ -23,9 +23,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import raylign
 
@@ -236,5 +237,8 @@ def child_main(fd: int) -> None:
             reply = _check(fns[index](**kwargs), n)
         except BaseException as err:  # report anything (even sys.exit) as this call's error
             where = traceback.extract_tb(err.__traceback__)[-1]
-            reply = ("error", f"{type(err).__name__}: {err} (at {where.filename}:{where.lineno} in {where.name})")
+            reply = (
+                "error",
+                f"{type(err).__name__}: {err} (at {where.filename}:{where.lineno} in {where.name})",
+            )
         conn.send(reply)

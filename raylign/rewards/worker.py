@@ -16,8 +16,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from raylign.protocol import Rollout, ScoredGroup
 from raylign.rewards.loader import as_spec, load_reward_functions
@@ -59,7 +60,9 @@ def reward_inputs(rollout: Rollout) -> dict[str, Any]:
     return inputs
 
 
-def weighted_sum(per_function: dict[str, tuple[float | None, ...]], weights: dict[str, float], n: int) -> tuple[float, ...]:
+def weighted_sum(
+    per_function: dict[str, tuple[float | None, ...]], weights: dict[str, float], n: int
+) -> tuple[float, ...]:
     """Per-sample weighted sum, leaving out ``None`` (0.0 when every function abstains)."""
     totals = [0.0] * n
     for name, values in per_function.items():
@@ -112,10 +115,16 @@ class RewardWorker:
         start = time.monotonic()
         inputs = [reward_inputs(r) for r in rollouts]
         futures = [
-            [self._threads.submit(self._pool.call, i, kw, len(r.completions), self.timeout_s) for i in range(len(self.names))]
-            for r, kw in zip(rollouts, inputs)
+            [
+                self._threads.submit(self._pool.call, i, kw, len(r.completions), self.timeout_s)
+                for i in range(len(self.names))
+            ]
+            for r, kw in zip(rollouts, inputs, strict=True)
         ]
-        scored = [self._assemble(r, [f.result() for f in fs], start) for r, fs in zip(rollouts, futures)]
+        scored = [
+            self._assemble(r, [f.result() for f in fs], start)
+            for r, fs in zip(rollouts, futures, strict=True)
+        ]
         return scored
 
     def _assemble(self, rollout: Rollout, results: list[CallResult], start: float) -> ScoredGroup:
@@ -123,7 +132,7 @@ class RewardWorker:
         per_function: dict[str, tuple[float | None, ...]] = {}
         timeouts = {name: 0 for name in self.names}
         errors = {name: 0 for name in self.names}
-        for name, res in zip(self.names, results):
+        for name, res in zip(self.names, results, strict=True):
             per_function[name] = res.values if res.status == "ok" else (None,) * n
             if res.status == "timeout":
                 timeouts[name] += 1

@@ -192,7 +192,8 @@ class RolloutGroup:
 
         Blocks until ``num`` are finished (default: everything outstanding) or ``timeout`` seconds pass.
         """
-        target = len(self._done) + len(self._requests) if num is None else num
+        everything = len(self._done) + len(self._requests)
+        target = everything if num is None else min(num, everything)
         self._pump(lambda: len(self._done) >= target, timeout)
         return [self._done.pop(t) for t in sorted(self._done)]
 
@@ -247,21 +248,31 @@ class RolloutGroup:
             if self.local is not None:
                 self._run_local(finished)
                 return
-            refs = list(self._owner)
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if refs:
-                ready, _ = ray.wait(refs, num_returns=1, timeout=remaining)
-                ready += ray.wait([r for r in refs if r not in ready], num_returns=len(refs), timeout=0)[0] if ready else []
-                for ref in ready:
-                    self._collect(ref)
-            elif self._pending and not finished():
-                raise RuntimeError(
-                    f"{len(self._pending)} rollout requests are queued but no worker may take them: "
-                    f"workers {self.workers_needing_sync()} need weights of version {self.version} "
-                    "(sync them, then mark_synced)"
-                )
-            if finished() or (deadline is not None and time.monotonic() >= deadline):
+            self._collect_ready(0.0)
+            self._dispatch()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if finished() or (remaining is not None and remaining <= 0):
                 return
+            if not self._owner:
+                if self._pending:
+                    raise RuntimeError(
+                        f"{len(self._pending)} rollout requests are queued but no worker may take them: "
+                        f"workers {self.workers_needing_sync()} need weights of version {self.version} "
+                        "(sync them, then mark_synced)"
+                    )
+                return
+            self._collect_ready(remaining)
+
+    def _collect_ready(self, timeout: float | None) -> None:
+        """Collect every finished call, waiting up to ``timeout`` for the first one."""
+        refs = list(self._owner)
+        if not refs:
+            return
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            self._collect(ref)
 
     def _run_local(self, finished: Callable[[], bool]) -> None:
         while self._pending and not finished():

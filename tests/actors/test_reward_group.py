@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import ray
@@ -13,13 +12,13 @@ from raylign.protocol import Completion, Rollout, RolloutRequest
 from raylign.rewards.builtin import accuracy_reward
 from raylign.rewards.group import RewardGroup
 
-HELPERS = '''
+HELPERS = """
 import time
 
 def slow_len(completions, delay=None, **kwargs):
     time.sleep(delay[0] if delay else 0.0)
     return [float(len(c if isinstance(c, str) else c[0]["content"])) for c in completions]
-'''
+"""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,7 +48,9 @@ def make_rollout(texts: list[str], solution: str, uid: str, delay: float | None 
 
 def slow_rollouts(delay: float = 0.3) -> list[Rollout]:
     """Eight groups whose slow_len call takes ``delay`` s; 'x' * i scores i (+10 for format, accuracy 0)."""
-    return [make_rollout(["x" * i, "<think></think><answer></answer>"], "7", f"r{i}", delay) for i in range(8)]
+    return [
+        make_rollout(["x" * i, "<think></think><answer></answer>"], "7", f"r{i}", delay) for i in range(8)
+    ]
 
 
 def expected_slow_rewards() -> list[tuple[float, ...]]:
@@ -64,7 +65,9 @@ def accuracy_cases(n: int = 240) -> list[tuple[str, str]]:
         gold = [f"{num}", f"\\frac{{{num}}}{{{den}}}", f"{num / den:g}"][i % 3]
         got = num if i % 4 else num + den  # off by one whole
         answer = [f"{got}", f"{got / den:g}", f"\\frac{{{got}}}{{{den}}}"][i % 3]
-        cases.append((gold, f"<think>...</think><answer>{answer}</answer>" if i % 2 else f"so \\boxed{{{answer}}}"))
+        cases.append(
+            (gold, f"<think>...</think><answer>{answer}</answer>" if i % 2 else f"so \\boxed{{{answer}}}")
+        )
     return cases
 
 

@@ -40,11 +40,15 @@ def _conv(text: str) -> list[dict[str, str]]:
 )
 def test_format_reward(text: str, expected: float) -> None:
     assert format_reward(completions=[text]) == [expected]
-    assert format_reward(prompts=[[{"role": "user", "content": "q"}]], completions=[_conv(text)]) == [expected]
+    assert format_reward(prompts=[[{"role": "user", "content": "q"}]], completions=[_conv(text)]) == [
+        expected
+    ]
 
 
 def test_format_reward_multimodal_content_parts() -> None:
-    parts = [[{"role": "assistant", "content": [{"type": "text", "text": "<think>a</think><answer>b</answer>"}]}]]
+    parts = [
+        [{"role": "assistant", "content": [{"type": "text", "text": "<think>a</think><answer>b</answer>"}]}]
+    ]
     assert format_reward(completions=parts) == [1.0]
 
 
@@ -55,7 +59,9 @@ def test_overlong_penalty_values() -> None:
     got = fn(completions=["x"] * len(lengths), completion_lengths=lengths)
     assert got == pytest.approx(expected, abs=1e-12)
     # TRL passes completion_ids instead; same values.
-    assert fn(completions=["x"] * 3, completion_ids=[[0] * 80, [0] * 90, [0] * 120]) == pytest.approx([0.0, -0.5, -1.0])
+    assert fn(completions=["x"] * 3, completion_ids=[[0] * 80, [0] * 90, [0] * 120]) == pytest.approx(
+        [0.0, -0.5, -1.0]
+    )
     # Without token counts: ceil(len(text) / 4) tokens -> 360 chars = 90 tokens.
     assert fn(completions=["a" * 360, _conv("a" * 320)]) == pytest.approx([-0.5, 0.0])
 
@@ -76,7 +82,9 @@ def test_extract_answer_takes_the_last_block() -> None:
 
 
 def test_accuracy_unparseable_gold_is_no_opinion() -> None:
-    out = accuracy_reward(completions=["<answer>1</answer>", "<answer>1</answer>"], solution=["no number here", "1"])
+    out = accuracy_reward(
+        completions=["<answer>1</answer>", "<answer>1</answer>"], solution=["no number here", "1"]
+    )
     assert out == [None, 1.0]
 
 
@@ -166,7 +174,7 @@ def test_accuracy_matches_the_reference_table() -> None:
         comps = [c if (j // 8) % 2 else _conv(c) for _, c, _ in chunk]
         got += accuracy_reward(completions=comps, solution=[s for s, _, _ in chunk])
     elapsed = time.perf_counter() - start
-    wrong = [(s, c, e, g) for (s, c, e), g in zip(table, got) if e != g]
+    wrong = [(s, c, e, g) for (s, c, e), g in zip(table, got, strict=True) if e != g]
     assert wrong == []
     assert elapsed < 20.0, f"1,000 cases took {elapsed:.1f} s"
 

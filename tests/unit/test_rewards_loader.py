@@ -87,9 +87,13 @@ def test_error_no_such_file(tmp_path: Path) -> None:
 
 
 def test_error_missing_attribute(user_file: str) -> None:
-    assert _message(f"{user_file}:nope") == f"reward function spec '{user_file}:nope': '{user_file}' has no attribute 'nope'"
+    assert (
+        _message(f"{user_file}:nope")
+        == f"reward function spec '{user_file}:nope': '{user_file}' has no attribute 'nope'"
+    )
     assert _message("raylign.rewards.builtin:nope") == (
-        "reward function spec 'raylign.rewards.builtin:nope': 'raylign.rewards.builtin' has no attribute 'nope'"
+        "reward function spec 'raylign.rewards.builtin:nope': "
+        "'raylign.rewards.builtin' has no attribute 'nope'"
     )
 
 

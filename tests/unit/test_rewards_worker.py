@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
 from raylign.protocol import Completion, Rollout, RolloutRequest, ScoredGroup
 from raylign.rewards.worker import RewardWorker, reward_inputs, weighted_sum
 
-HELPERS = '''
+HELPERS = """
 import os, time
 
 def hang(completions, **kwargs):
@@ -38,7 +37,7 @@ def echo(prompts, completions, completion_lengths, completion_ids, solution, **k
     assert len(prompts) == len(completions) == len(solution) == len(completion_lengths)
     assert all(len(ids) == n for ids, n in zip(completion_ids, completion_lengths))
     return [float(n) + float(s) for n, s in zip(completion_lengths, solution)]
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -48,18 +47,30 @@ def helpers(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-def make_rollout(texts: list[str], solution: str = "1", conversational: bool = True, uid: str = "g0") -> Rollout:
+def make_rollout(
+    texts: list[str], solution: str = "1", conversational: bool = True, uid: str = "g0"
+) -> Rollout:
     prompt = [{"role": "user", "content": "What is it?"}] if conversational else "What is it?"
     completions = tuple(
-        Completion(token_ids=tuple(range(len(t) % 7 + 1)), logprobs=(0.0,) * (len(t) % 7 + 1), text=t, finish_reason="stop")
+        Completion(
+            token_ids=tuple(range(len(t) % 7 + 1)),
+            logprobs=(0.0,) * (len(t) % 7 + 1),
+            text=t,
+            finish_reason="stop",
+        )
         for t in texts
     )
-    return Rollout(RolloutRequest(uid=uid, prompt=prompt, columns={"solution": solution}), completions, policy_version=3)
+    return Rollout(
+        RolloutRequest(uid=uid, prompt=prompt, columns={"solution": solution}), completions, policy_version=3
+    )
 
 
 def test_reward_inputs_conversational_and_plain() -> None:
     inputs = reward_inputs(make_rollout(["a", "bb"], solution="7"))
-    assert inputs["completions"] == [[{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "bb"}]]
+    assert inputs["completions"] == [
+        [{"role": "assistant", "content": "a"}],
+        [{"role": "assistant", "content": "bb"}],
+    ]
     assert inputs["solution"] == ["7", "7"] and inputs["completion_lengths"] == [2, 3]
     assert inputs["prompts"][0] == [{"role": "user", "content": "What is it?"}]
     assert reward_inputs(make_rollout(["a"], conversational=False))["completions"] == ["a"]
@@ -86,7 +97,9 @@ def test_scores_builtins_and_user_functions(helpers: str) -> None:
         assert group.rewards == pytest.approx((1.0 + 2.0 + 1.0, 0.0, 2.0 + 1.0))
         assert group.timeouts == {n: 0 for n in worker.names} and group.errors == {n: 0 for n in worker.names}
         # score_many keeps order, and a warm pool scores a group of 8 fast.
-        rollouts = [make_rollout([f"<answer>{i}</answer>"] * 8, solution=str(i % 3), uid=f"g{i}") for i in range(16)]
+        rollouts = [
+            make_rollout([f"<answer>{i}</answer>"] * 8, solution=str(i % 3), uid=f"g{i}") for i in range(16)
+        ]
         start = time.perf_counter()
         many = worker.score_many(rollouts)
         per_group = (time.perf_counter() - start) / len(rollouts)
@@ -125,7 +138,10 @@ def test_raising_and_malformed_functions_count_as_errors(helpers: str) -> None:
     with RewardWorker([f"{helpers}:boom", f"{helpers}:wrong_length", "format"], timeout_s=10.0) as worker:
         group = worker.score(make_rollout(["a", "b"]))
         assert group.errors == {"boom": 1, "wrong_length": 1, "format": 0}
-        assert group.per_function["boom"] == (None, None) and group.per_function["wrong_length"] == (None, None)
+        assert group.per_function["boom"] == (None, None) and group.per_function["wrong_length"] == (
+            None,
+            None,
+        )
         assert group.rewards == (0.0, 0.0)
         assert worker.stats()["process_restarts"] == 0  # an exception does not cost the process
 

@@ -14,13 +14,15 @@ weighted sum of components (MPO: ``loss_type=("sigmoid", "bco_pair", "sft")``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "bco_pair", "sft", "apo_zero", "apo_down")
+DPOLossType = Literal["sigmoid", "ipo", "hinge", "robust", "bco_pair", "sft", "apo_zero", "apo_down"]
+LOSS_TYPES: tuple[str, ...] = get_args(DPOLossType)
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class DPOLossConfig:
     """
 
     beta: float = 0.1
-    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_type: tuple[DPOLossType, ...] = ("sigmoid",)
     loss_weights: tuple[float, ...] | None = None
     label_smoothing: float = 0.0
 
@@ -104,7 +106,9 @@ def _hinge(p: _Pairs) -> torch.Tensor:
 def _ipo(p: _Pairs) -> torch.Tensor:
     # TRL 1.16 length-normalises the IPO margin by each completion's token count.
     if p.chosen_lengths is None or p.rejected_lengths is None:
-        raise ValueError("loss_type 'ipo' needs chosen_lengths and rejected_lengths (completion tokens per pair)")
+        raise ValueError(
+            "loss_type 'ipo' needs chosen_lengths and rejected_lengths (completion tokens per pair)"
+        )
     margin = p.chosen / p.chosen_lengths.clamp(min=1) - p.rejected / p.rejected_lengths.clamp(min=1)
     return (margin - 1 / (2 * p.beta)) ** 2
 
@@ -123,7 +127,9 @@ def _bco_pair(p: _Pairs) -> torch.Tensor:
 
 def _sft(p: _Pairs) -> torch.Tensor:
     if p.chosen_nll is None:
-        raise ValueError("loss_type 'sft' needs chosen_nll (e.g. sft_loss(chosen_token_logps, chosen_mask)[0])")
+        raise ValueError(
+            "loss_type 'sft' needs chosen_nll (e.g. sft_loss(chosen_token_logps, chosen_mask)[0])"
+        )
     return p.chosen_nll
 
 
@@ -190,7 +196,9 @@ def dpo_loss(
         ("ref_rejected_logps", ref_rejected_logps),
     ):
         if t.shape != policy_chosen_logps.shape:
-            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(policy_chosen_logps.shape)}")
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)}, expected {tuple(policy_chosen_logps.shape)}"
+            )
     if policy_chosen_logps.dim() != 1:
         raise ValueError(f"logps must be [B], got shape {tuple(policy_chosen_logps.shape)}")
     pairs = _Pairs(

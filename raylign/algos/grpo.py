@@ -72,7 +72,9 @@ class PolicyLossConfig:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; use 'k1', 'k2' or 'k3'")
-        if self.loss_type == "dr_grpo" and (self.max_completion_length is None or self.max_completion_length < 1):
+        if self.loss_type == "dr_grpo" and (
+            self.max_completion_length is None or self.max_completion_length < 1
+        ):
             raise ValueError("loss_type 'dr_grpo' needs max_completion_length (a positive int)")
         if self.tis_cap is not None and not self.tis_cap > 0.0:
             raise ValueError(f"tis_cap must be > 0 (or None to disable), got {self.tis_cap}")
@@ -91,7 +93,13 @@ class PolicyLossConfig:
     @classmethod
     def gspo(cls, **overrides) -> PolicyLossConfig:
         """GSPO paper defaults as in TRL's recipe: sequence-level ratio, clip 3e-4 / 4e-4, no KL, 'grpo'."""
-        base = dict(importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, beta=0.0, loss_type="grpo")
+        base = {
+            "importance_sampling_level": "sequence",
+            "epsilon": 3e-4,
+            "epsilon_high": 4e-4,
+            "beta": 0.0,
+            "loss_type": "grpo",
+        }
         return cls(**{**base, **overrides})
 
 
@@ -118,7 +126,9 @@ def _aggregate(
     if cfg.loss_type == "bnpo":
         return per_token.sum() / normaliser(None, mask.sum(), per_token)
     if cfg.loss_type == "dr_grpo":
-        return per_token.sum() / (normaliser(num_sequences, local_seqs, per_token) * cfg.max_completion_length)
+        return per_token.sum() / (
+            normaliser(num_sequences, local_seqs, per_token) * cfg.max_completion_length
+        )
     return per_token.sum() / normaliser(num_tokens, mask.sum(), per_token)  # dapo
 
 
@@ -177,7 +187,9 @@ def policy_loss(
     if cfg.beta > 0 and ref_logprobs is None:
         raise ValueError("cfg.beta > 0 needs ref_logprobs; pass the reference model's logprobs or set beta=0")
     if cfg.tis_cap is not None and sampler_logprobs is None:
-        raise ValueError("cfg.tis_cap is set but sampler_logprobs is None; pass the sampling logprobs or tis_cap=None")
+        raise ValueError(
+            "cfg.tis_cap is set but sampler_logprobs is None; pass the sampling logprobs or tis_cap=None"
+        )
     m = mask.bool()
     logp = zero_masked(logprobs, m)
     log_ratio = logp - zero_masked(old_logprobs, m).detach()
@@ -211,7 +223,11 @@ def policy_loss(
 
 
 def _clip_metrics(
-    coef_1: torch.Tensor, coef_1_bounded: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, cfg: PolicyLossConfig
+    coef_1: torch.Tensor,
+    coef_1_bounded: torch.Tensor,
+    adv: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
 ) -> dict[str, torch.Tensor]:
     """Clip fractions as TRL logs them: over tokens, or over sequences at sequence level.
 
@@ -221,7 +237,7 @@ def _clip_metrics(
     coef_1_bounded = coef_1_bounded.detach()
     low = (coef_1_bounded < 1 - cfg.epsilon) & (adv < 0)
     high = (coef_1_bounded > 1 + cfg.clip_high) & (adv > 0)
-    if coef_1.shape[-1] == 1:  # sequence level: one value per sequence, every sequence counts
+    if cfg.importance_sampling_level == "sequence":  # one value per sequence, every sequence counts
         mask = torch.ones_like(coef_1, dtype=torch.bool)
     dtype = coef_1.dtype
     return {

@@ -9,7 +9,9 @@ import torch
 KLEstimator = Literal["k1", "k2", "k3"]
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3") -> torch.Tensor:
+def kl_penalty(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k3"
+) -> torch.Tensor:
     """Per-token KL estimate, same shape as the inputs (e.g. ``[B, T]``); no masking here.
 
     With ``d = ref_logprobs - logprobs`` (log of pi_ref / pi at the sampled token):
@@ -22,7 +24,9 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KL
     The caller masks padding (see ``policy_loss``).
     """
     if logprobs.shape != ref_logprobs.shape:
-        raise ValueError(f"ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected {tuple(logprobs.shape)}")
+        raise ValueError(
+            f"ref_logprobs has shape {tuple(ref_logprobs.shape)}, expected {tuple(logprobs.shape)}"
+        )
     d = ref_logprobs - logprobs
     if estimator == "k1":
         return -d

@@ -22,7 +22,7 @@ import torch
 from raylign.data.chat import is_conversational, to_messages
 from raylign.data.errors import DataError
 from raylign.data.images import to_rgb
-from raylign.data.tokens import Encoded, encode_chat, encode_prompt_completion
+from raylign.data.tokens import Encoded, encode_chat, encode_prompt_completion, vision_token_ids
 
 Truncation = Literal["error", "skip", "truncate_left"]
 TRUNCATIONS = ("error", "skip", "truncate_left")
@@ -177,6 +177,14 @@ def collate_completions(
             f"got {len(prompts)} prompts, {len(images)} image lists and {len(completion_ids)} completions; "
             f"pass one of each per row"
         )
+    banned = vision_token_ids(processor)
+    for b, ids in enumerate(completion_ids):
+        found = banned.intersection(ids)
+        if found:
+            raise DataError(
+                f"batch row {b}: the completion contains image token id(s) {sorted(found)}, which the model would "
+                f"read as image slots; suppress them when sampling (rollout engines pass them as banned tokens)"
+            )
     encoded = [
         encode_prompt_completion(processor, p, [to_rgb(im) for im in imgs], ids)
         for p, imgs, ids in zip(prompts, images, completion_ids)

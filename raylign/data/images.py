@@ -128,7 +128,9 @@ def check_image(
             image.load()
     except Image.DecompressionBombError as e:
         raise ImageProblem("decompression_bomb", f"PIL refused it as a decompression bomb ({e})") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError as e:
+        raise ImageProblem("corrupt_image", "the data is not an image format PIL can read") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         # PIL reports broken data through all of these, depending on the codec and where it breaks.
         raise ImageProblem("corrupt_image", f"the image cannot be decoded ({type(e).__name__}: {e})") from e
     return width, height

@@ -11,6 +11,11 @@ from the truncated distribution when ``top_p < 1`` or ``top_k > 0`` but report t
 logprob, so ``exp(learner_logprob - rollout_logprob)`` is exactly 1 for an unchanged policy.
 (vLLM can only report the truncated one; see ``raylign.rollout.vllm``.)
 
+Vision placeholder tokens (image/video pads, vision start/end) are never sampled: a completion that
+contains one breaks the learner's forward pass ("image features and image tokens do not match"),
+and a tiny random model emits them. They are suppressed when sampling; the reported logprob keeps
+its full normaliser (the difference is log(1 - p_placeholders), negligible for a trained model).
+
 Weight loading is bucketed: a sync calls ``load_weights(bucket)`` once per bucket of
 ``(hf_name, tensor)`` pairs, named as in the learner's ``model.named_parameters()``, then
 ``set_version(v)`` once. ``load_weights(bucket, version=v)`` does both for a single bucket.
@@ -99,6 +104,17 @@ def sampled_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatu
     scaled = logits.float() / scale
     picked = scaled.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(scaled, dim=-1)
+
+
+_PLACEHOLDER_KEYS = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
+                     "vision_end_token_id")
+
+
+def placeholder_token_ids(config, processor) -> tuple[int, ...]:
+    """Ids of the vision placeholder tokens of a VLM (from its config and processor), sorted."""
+    ids = {getattr(config, k, None) for k in _PLACEHOLDER_KEYS}
+    ids |= {getattr(processor, k, None) for k in ("image_token_id", "video_token_id")}
+    return tuple(sorted(int(i) for i in ids if isinstance(i, int) and i >= 0))
 
 
 def validate_requests(requests: Sequence[RolloutRequest]) -> None:

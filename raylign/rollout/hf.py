@@ -27,7 +27,13 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from raylign.data.chat import encode_for_generation
 from raylign.models.loading import load_model, load_processor
 from raylign.protocol import Completion, Rollout, RolloutRequest, SamplingParams
-from raylign.rollout.engine import NamedTensors, sampled_token_logprobs, validate_requests, weights_fingerprint
+from raylign.rollout.engine import (
+    NamedTensors,
+    placeholder_token_ids,
+    sampled_token_logprobs,
+    validate_requests,
+    weights_fingerprint,
+)
 
 
 class _StopStrings(StoppingCriteria):
@@ -111,6 +117,7 @@ class TransformersEngine:
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_id = self.eos_ids[0] if pad is None else int(pad)
+        self.suppressed_ids = placeholder_token_ids(self.model.config, self.processor)
         # A checkpoint's generation_config.json may carry sampling defaults (Qwen's has temperature
         # 0.1, top_k 1, repetition_penalty 1.05); the engine owns sampling, so keep only token ids.
         self.model.generation_config = GenerationConfig(eos_token_id=list(self.eos_ids), pad_token_id=self.pad_id)
@@ -195,6 +202,7 @@ class TransformersEngine:
         return GenerationConfig(
             **(sampling if s.temperature > 0 else dict(do_sample=False)),
             max_new_tokens=s.max_tokens,
+            suppress_tokens=list(self.suppressed_ids) or None,
             eos_token_id=list(self.eos_ids),
             pad_token_id=self.pad_id,
             output_logits=True,

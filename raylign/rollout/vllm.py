@@ -26,10 +26,12 @@ import logging
 import time
 from typing import Any, Sequence
 
+from transformers import AutoConfig
+
 from raylign.data.chat import render_prompt
 from raylign.models.loading import load_processor, resolve_dtype
 from raylign.protocol import Completion, Rollout, RolloutRequest, SamplingParams
-from raylign.rollout.engine import NamedTensors, validate_requests
+from raylign.rollout.engine import NamedTensors, placeholder_token_ids, validate_requests
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +50,12 @@ def vllm_prompt(processor, request: RolloutRequest) -> dict[str, Any]:
     return prompt
 
 
-def vllm_sampling_kwargs(s: SamplingParams) -> dict[str, Any]:
+def vllm_sampling_kwargs(s: SamplingParams, suppressed_ids: Sequence[int] = ()) -> dict[str, Any]:
     """Keyword arguments of ``vllm.SamplingParams`` for raylign's sampling settings.
 
     ``logprobs=0`` returns just the sampled token's logprob; stop strings stay in the output so the
-    text is the decoded token ids, as in the transformers engine.
+    text is the decoded token ids, as in the transformers engine. ``suppressed_ids`` (vision
+    placeholders) get vLLM's lowest logit bias, -100, which rules them out in practice.
     """
     return dict(
         n=s.n,
@@ -65,6 +68,7 @@ def vllm_sampling_kwargs(s: SamplingParams) -> dict[str, Any]:
         seed=s.seed,
         logprobs=0,
         skip_special_tokens=True,
+        logit_bias={int(i): -100.0 for i in suppressed_ids} or None,
     )
 
 
@@ -110,6 +114,7 @@ class VLLMEngine:
         self._vllm = vllm
         self.processor = load_processor(model_path)
         self.tokenizer = self.processor.tokenizer
+        self.suppressed_ids = placeholder_token_ids(AutoConfig.from_pretrained(str(model_path)), self.processor)
         torch_dtype = resolve_dtype(dtype, "cuda")
         options = dict(
             model=str(model_path),
@@ -141,7 +146,7 @@ class VLLMEngine:
         validate_requests(requests)
         self._warn_truncation(requests)
         prompts = [vllm_prompt(self.processor, r) for r in requests]
-        params = [self._vllm.SamplingParams(**vllm_sampling_kwargs(r.sampling)) for r in requests]
+        params = [self._vllm.SamplingParams(**vllm_sampling_kwargs(r.sampling, self.suppressed_ids)) for r in requests]
         start = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start

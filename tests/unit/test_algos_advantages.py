@@ -29,12 +29,19 @@ def _stub_trainer(cls, rewards, num_generations, old_logps, mask):
     tr = object.__new__(cls)
     tr.model = SimpleNamespace(training=True, is_gradient_checkpointing=False)
     tr.accelerator = SimpleNamespace(
-        device=torch.device("cpu"), process_index=0, num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x
+        device=torch.device("cpu"),
+        process_index=0,
+        num_processes=1,
+        gather=lambda x: x,
+        reduce=lambda x, reduction: x,
     )
     tr.args = SimpleNamespace(
-        per_device_train_batch_size=n, per_device_eval_batch_size=n, steps_per_generation=1,
-        gradient_accumulation_steps=1, gradient_checkpointing_kwargs=None,
-    )  # fmt: skip
+        per_device_train_batch_size=n,
+        per_device_eval_batch_size=n,
+        steps_per_generation=1,
+        gradient_accumulation_steps=1,
+        gradient_checkpointing_kwargs=None,
+    )
     tr.num_generations = tr.num_generations_eval = num_generations
     tr.beta, tr.ref_model, tr.pad_to_multiple_of, tr.num_iterations = 0.0, None, None, 1
     tr._tokenizer = SimpleNamespace(pad_token_id=0)
@@ -43,7 +50,13 @@ def _stub_trainer(cls, rewards, num_generations, old_logps, mask):
     tr.reward_weights, tr.reward_func_names, tr.reward_funcs = torch.ones(1, dtype=F64), ["r"], [None]
     tr.multi_objective_aggregation = "sum_then_normalize"
     tr._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    tr._logs = {"prompt": [], "completion": [], "rewards": defaultdict(list), "advantages": [], "extra": defaultdict(list)}
+    tr._logs = {
+        "prompt": [],
+        "completion": [],
+        "rewards": defaultdict(list),
+        "advantages": [],
+        "extra": defaultdict(list),
+    }
     tr._pending_extra_logs, tr._pending_metrics = {}, {}
     tr._calculate_rewards = lambda *a, **k: rewards.unsqueeze(1)
     tr._get_per_token_logps_and_entropies = lambda *a, **k: (old_logps, None, None)
@@ -51,7 +64,9 @@ def _stub_trainer(cls, rewards, num_generations, old_logps, mask):
     return tr, completion_ids
 
 
-def trl_grpo_rollout(rewards, num_generations, scale_rewards="group", old_logps=None, mask=None, sampler=None, cap=None):
+def trl_grpo_rollout(
+    rewards, num_generations, scale_rewards="group", old_logps=None, mask=None, sampler=None, cap=None
+):
     """TRL's GRPO rollout post-processing; returns its output dict (advantages, IS ratio, ...)."""
     n = rewards.shape[0]
     mask = torch.ones(n, 2, dtype=torch.long) if mask is None else mask
@@ -62,8 +77,11 @@ def trl_grpo_rollout(rewards, num_generations, scale_rewards="group", old_logps=
     tr.vllm_importance_sampling_mode = "token_truncate"
     tr.vllm_importance_sampling_clip_min, tr.vllm_importance_sampling_clip_max = None, cap
     # vLLM reports a missing logprob as None, which TRL maps to NaN; feed lists the same way
-    sl = None if sampler is None else [[None if math.isnan(x) else x for x in r[: len(c)].tolist()]
-                                       for r, c in zip(sampler, cids)]  # fmt: skip
+    sl = (
+        None
+        if sampler is None
+        else [[None if math.isnan(x) else x for x in r[: len(c)].tolist()] for r, c in zip(sampler, cids)]
+    )
     tr._generate = lambda prompts: ([[5, 6]] * n, cids, None, ["c"] * n, sl, {}, None, None)
     return tr._generate_and_score_completions([{"prompt": "p"}] * n)
 
@@ -71,7 +89,9 @@ def trl_grpo_rollout(rewards, num_generations, scale_rewards="group", old_logps=
 def trl_rloo_advantages(rewards, num_generations):
     n = rewards.shape[0]
     mask = torch.ones(n, 2, dtype=torch.long)
-    tr, cids = _stub_trainer(rloo_module.RLOOTrainer, rewards, num_generations, torch.zeros(n, 2, dtype=F64), mask)
+    tr, cids = _stub_trainer(
+        rloo_module.RLOOTrainer, rewards, num_generations, torch.zeros(n, 2, dtype=F64), mask
+    )
     tr._generate = lambda prompts: ([[5, 6]] * n, cids, ["c"] * n)
     return tr._generate_and_score_completions([{"prompt": "p"}] * n)["advantages"]
 
@@ -90,7 +110,9 @@ def _rewards(seed, n, with_nan):
 def test_group_advantages_match_trl(scale_rewards, num_generations, with_nan):
     rewards = _rewards(num_generations, 8, with_nan)
     expected = trl_grpo_rollout(rewards, num_generations, scale_rewards)["advantages"]
-    torch.testing.assert_close(group_advantages(rewards, num_generations, scale_rewards), expected, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(
+        group_advantages(rewards, num_generations, scale_rewards), expected, rtol=1e-6, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("with_nan", [False, True])
@@ -106,7 +128,9 @@ def test_group_advantages_hand_computed():
     std = math.sqrt(1 / 3)  # unbiased std of (1, 0, 1): sqrt(((1/3)^2 * 2 + (2/3)^2) / 2)
     expected = [1 / 3 / (std + 1e-4), -2 / 3 / (std + 1e-4), 1 / 3 / (std + 1e-4), 0.0, 0.0, 0.0]
     assert group_advantages(rewards, 3).tolist() == pytest.approx(expected, rel=1e-12)
-    assert group_advantages(rewards, 3, "none").tolist() == pytest.approx([1 / 3, -2 / 3, 1 / 3, 0, 0, 0], rel=1e-12)
+    assert group_advantages(rewards, 3, "none").tolist() == pytest.approx(
+        [1 / 3, -2 / 3, 1 / 3, 0, 0, 0], rel=1e-12
+    )
     batch_std = torch.tensor([1.0, 0.0, 1.0, 2.0, 2.0, 2.0]).std().item()
     got = group_advantages(rewards, 3, "batch", eps=0.0)
     assert got.tolist() == pytest.approx([1 / 3 / batch_std, -2 / 3 / batch_std, 1 / 3 / batch_std, 0, 0, 0])
@@ -144,7 +168,9 @@ def test_tis_weights_match_trl_rollout():
     trl_ratio = trl_grpo_rollout(torch.zeros(4, dtype=F64), 2, "group", old, mask, sampler, cap=1.3)[
         "importance_sampling_ratio"
     ]
-    assert (trl_ratio[mask.bool()] == 1.3).any() and (trl_ratio[mask.bool()] < 1).any()  # cap and < 1 both hit
+    assert (trl_ratio[mask.bool()] == 1.3).any() and (
+        trl_ratio[mask.bool()] < 1
+    ).any()  # cap and < 1 both hit
     logps = old.clone().requires_grad_(True)
     cfg = PolicyLossConfig(loss_type="dapo", tis_cap=1.3)
     loss, metrics = policy_loss(logps, old, torch.ones(4, dtype=F64), mask, cfg, sampler_logprobs=sampler)

@@ -20,7 +20,7 @@ from raylign.algos.dpo import LOSS_TYPES
 DPOTrainer = pytest.importorskip("trl.trainer.dpo_trainer").DPOTrainer
 
 F64 = torch.float64
-TOL = dict(rtol=1e-6, atol=1e-12)
+TOL = {"rtol": 1e-6, "atol": 1e-12}
 
 
 class _StubModel:
@@ -43,21 +43,25 @@ def _trl_dpo(cfg: DPOLossConfig, token_logps, mask, ref_chosen, ref_rejected):
     """TRL's loss and logged metrics; ``token_logps``/``mask`` are ``[2B, T]``, chosen rows first."""
     tr = object.__new__(DPOTrainer)
     tr.model = model = _StubModel(token_logps)
-    tr.accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
+    tr.accelerator = SimpleNamespace(
+        device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x
+    )
     tr.aux_loss_enabled, tr.ld_alpha, tr.precompute_ref_logps = False, None, True
     tr.f_divergence_type, tr.use_weighting = "reverse_kl", False
     tr.loss_types, tr.loss_weights = list(cfg.loss_type), list(cfg.weights)
     tr.beta, tr.label_smoothing = cfg.beta, cfg.label_smoothing
     tr._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     tr._total_train_tokens, tr._tp_size = 0, 1
-    completion_mask = torch.cat([torch.zeros(mask.shape[0], 1, dtype=torch.long), mask], dim=1)  # prompt token first
-    inputs = dict(
-        input_ids=torch.ones_like(completion_mask),
-        attention_mask=torch.ones_like(completion_mask),
-        completion_mask=completion_mask,
-        ref_chosen_logps=ref_chosen,
-        ref_rejected_logps=ref_rejected,
-    )
+    completion_mask = torch.cat(
+        [torch.zeros(mask.shape[0], 1, dtype=torch.long), mask], dim=1
+    )  # prompt token first
+    inputs = {
+        "input_ids": torch.ones_like(completion_mask),
+        "attention_mask": torch.ones_like(completion_mask),
+        "completion_mask": completion_mask,
+        "ref_chosen_logps": ref_chosen,
+        "ref_rejected_logps": ref_rejected,
+    }
     loss = tr._compute_loss(model, inputs, return_outputs=False)
     return loss, {k: v[0] for k, v in tr._metrics["train"].items()}
 
@@ -69,9 +73,16 @@ def _ours(cfg: DPOLossConfig, token_logps, mask, ref_chosen, ref_rejected, **kw)
     (c_tok, _), (c_mask, r_mask) = token_logps.chunk(2), mask.chunk(2)
     chosen_nll, _ = sft_loss(c_tok, c_mask)
     return dpo_loss(
-        chosen, rejected, ref_chosen, ref_rejected, cfg, chosen_nll=chosen_nll,
-        chosen_lengths=c_mask.sum(-1), rejected_lengths=r_mask.sum(-1), **kw,
-    )  # fmt: skip
+        chosen,
+        rejected,
+        ref_chosen,
+        ref_rejected,
+        cfg,
+        chosen_nll=chosen_nll,
+        chosen_lengths=c_mask.sum(-1),
+        rejected_lengths=r_mask.sum(-1),
+        **kw,
+    )
 
 
 def _pairs(seed: int, b: int = 5, t: int = 6):
@@ -89,7 +100,9 @@ def _pairs(seed: int, b: int = 5, t: int = 6):
 
 CONFIGS = {t: DPOLossConfig(loss_type=(t,), beta=0.3) for t in LOSS_TYPES if t != "robust"}
 CONFIGS["robust"] = DPOLossConfig(loss_type=("robust",), beta=0.3, label_smoothing=0.1)
-CONFIGS["mpo"] = DPOLossConfig(loss_type=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0), beta=0.1)
+CONFIGS["mpo"] = DPOLossConfig(
+    loss_type=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0), beta=0.1
+)
 CONFIGS["ipo+apo_zero"] = DPOLossConfig(loss_type=("ipo", "apo_zero"), loss_weights=(0.5, 2.0), beta=0.2)
 
 
@@ -106,7 +119,13 @@ def test_matches_trl_loss_grad_and_metrics(name):
     trl_loss.backward()
     torch.testing.assert_close(ours_leaf.grad, trl_leaf.grad, **TOL)
     assert ours_leaf.grad.abs().sum() > 0
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+    ):
         assert metrics[key].item() == pytest.approx(trl_metrics[key], rel=1e-6, abs=1e-12), key
     assert 0 < metrics["rewards/accuracies"] < 1  # both orderings present, so accuracy is really tested
     components = sum(w * metrics[f"loss/{t}"] for t, w in zip(cfg.loss_type, cfg.weights))
@@ -116,7 +135,7 @@ def test_matches_trl_loss_grad_and_metrics(name):
 
 def _hand_inputs():
     """chosen log-ratio +1, rejected -1, so with beta=0.5: beta*delta = 1, rewards +-0.5."""
-    t = lambda x: torch.tensor([x], dtype=F64)  # noqa: E731
+    t = lambda x: torch.tensor([x], dtype=F64)
     return t(-1.0).requires_grad_(True), t(-3.0), t(-2.0), t(-2.0)
 
 
@@ -144,8 +163,16 @@ HAND = {
 def test_hand_computed(loss_type):
     cfg = DPOLossConfig(loss_type=loss_type, beta=0.5, label_smoothing=0.1 if loss_type == "robust" else 0.0)
     pc, pr, rc, rr = _hand_inputs()
-    loss, m = dpo_loss(pc, pr, rc, rr, cfg, chosen_nll=torch.tensor(1.7, dtype=F64),
-                       chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([4]))  # fmt: skip
+    loss, m = dpo_loss(
+        pc,
+        pr,
+        rc,
+        rr,
+        cfg,
+        chosen_nll=torch.tensor(1.7, dtype=F64),
+        chosen_lengths=torch.tensor([2]),
+        rejected_lengths=torch.tensor([4]),
+    )
     assert loss.item() == pytest.approx(HAND[loss_type], rel=1e-12, abs=1e-15)
     assert m["rewards/chosen"].item() == pytest.approx(0.5)
     assert m["rewards/rejected"].item() == pytest.approx(-0.5)
@@ -176,8 +203,14 @@ def test_bco_pair_running_mean_shift_and_metric():
 def test_sft_component_accepts_per_sequence_nll():
     pc, pr, rc, rr = _hand_inputs()
     per_seq = torch.tensor([1.0, 2.0], dtype=F64)
-    loss, m = dpo_loss(pc.expand(2), pr.expand(2), rc.expand(2), rr.expand(2),
-                       DPOLossConfig(loss_type="sft"), chosen_nll=per_seq)  # fmt: skip
+    loss, m = dpo_loss(
+        pc.expand(2),
+        pr.expand(2),
+        rc.expand(2),
+        rr.expand(2),
+        DPOLossConfig(loss_type="sft"),
+        chosen_nll=per_seq,
+    )
     assert loss.item() == pytest.approx(1.5) and m["loss/sft"].item() == pytest.approx(1.5)
 
 
@@ -192,13 +225,13 @@ def test_reference_logps_get_no_gradient():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        (dict(loss_type=("sigmoid", "kto")), "unknown DPO loss_type"),
-        (dict(loss_type=()), "at least one"),
-        (dict(loss_type=("sigmoid", "sigmoid")), "repeats"),
-        (dict(loss_type=("sigmoid", "sft"), loss_weights=(1.0,)), "one weight per loss type"),
-        (dict(beta=0.0), "beta"),
-        (dict(loss_type="robust", label_smoothing=0.5), r"\[0, 0.5\)"),
-        (dict(label_smoothing=0.1), "only used by loss_type 'robust'"),
+        ({"loss_type": ("sigmoid", "kto")}, "unknown DPO loss_type"),
+        ({"loss_type": ()}, "at least one"),
+        ({"loss_type": ("sigmoid", "sigmoid")}, "repeats"),
+        ({"loss_type": ("sigmoid", "sft"), "loss_weights": (1.0,)}, "one weight per loss type"),
+        ({"beta": 0.0}, "beta"),
+        ({"loss_type": "robust", "label_smoothing": 0.5}, r"\[0, 0.5\)"),
+        ({"label_smoothing": 0.1}, "only used by loss_type 'robust'"),
     ],
 )
 def test_config_validation(kwargs, match):

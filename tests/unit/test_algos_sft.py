@@ -19,17 +19,18 @@ from raylign.algos import sft_loss
 SFTTrainer = pytest.importorskip("trl.trainer.sft_trainer").SFTTrainer
 
 F64 = torch.float64
-TOL = dict(rtol=1e-6, atol=1e-12)
+TOL = {"rtol": 1e-6, "atol": 1e-12}
 
 
 def _trl_sft(token_logps, mask, num_items_in_batch=None):
     """TRL's NLL loss; ``num_items_in_batch`` is TRL's global token count (None: local)."""
     mask = mask.bool()
 
-    def model(labels, **_):
+    def model(labels, **_):  # the fused LM head: logprob 0 where the label is ignored
+        keep = labels != -100
         zeros = torch.zeros_like(token_logps)
         return SimpleNamespace(
-            log_probs=torch.where(mask, token_logps, 0), label_mask=mask, entropy=zeros, is_top1=mask & False
+            log_probs=torch.where(keep, token_logps, 0), label_mask=keep, entropy=zeros, is_top1=keep & False
         )
 
     tr = object.__new__(SFTTrainer)
@@ -39,7 +40,12 @@ def _trl_sft(token_logps, mask, num_items_in_batch=None):
     tr.aux_loss_enabled, tr.compute_loss_func, tr.label_smoother = False, None, None
     tr._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
     tr._total_train_tokens, tr._tp_size = 0, 1
-    inputs = {"input_ids": torch.ones_like(mask, dtype=torch.long), "attention_mask": torch.ones_like(mask)}
+    ids = torch.ones_like(mask, dtype=torch.long)
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.masked_fill(~mask, -100),
+    }
     return tr.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
 
 
@@ -108,7 +114,9 @@ def test_sequence_mean_matches_reference():
     torch.testing.assert_close(leaf.grad, ref_leaf.grad, **TOL)
 
 
-@pytest.mark.parametrize(("aggregation", "norm"), [("token_mean", "num_tokens"), ("sequence_mean", "num_sequences")])
+@pytest.mark.parametrize(
+    ("aggregation", "norm"), [("token_mean", "num_tokens"), ("sequence_mean", "num_sequences")]
+)
 def test_microbatch_split_gives_full_batch_gradient(aggregation, norm):
     logps, mask = _batch(seed=3, b=7)
     full = logps.clone().requires_grad_(True)
@@ -116,8 +124,10 @@ def test_microbatch_split_gives_full_batch_gradient(aggregation, norm):
     loss.backward()
     split = logps.clone().requires_grad_(True)
     counts = {"num_tokens": mask.sum(), "num_sequences": 7}
-    total = sum(sft_loss(split[r], mask[r], aggregation, **{norm: counts[norm]})[0]
-                for r in (slice(0, 1), slice(1, 4), slice(4, 7)))  # fmt: skip
+    total = sum(
+        sft_loss(split[r], mask[r], aggregation, **{norm: counts[norm]})[0]
+        for r in (slice(0, 1), slice(1, 4), slice(4, 7))
+    )
     total.backward()
     torch.testing.assert_close(total, loss, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(split.grad, full.grad, rtol=1e-12, atol=1e-14)

@@ -18,9 +18,6 @@ from PIL import Image, UnidentifiedImageError
 MAX_IMAGE_PIXELS = 8192 * 8192
 # Qwen's smart_resize raises above 200; nothing sensible reaches a VLM beyond it either.
 MAX_ASPECT_RATIO = 200.0
-# Downscaling never takes the short side below this (Qwen's patch*merge factor), so the aspect ratio
-# cannot grow past the original one by rounding.
-MIN_SIDE = 28
 
 
 class ImageProblem(Exception):
@@ -44,22 +41,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def fitted_size(
-    width: int, height: int, min_pixels: int | None = None, max_pixels: int | None = None, min_side: int = MIN_SIDE
+    width: int, height: int, min_pixels: int | None = None, max_pixels: int | None = None
 ) -> tuple[int, int]:
     """``(width, height)`` scaled to keep ``min_pixels <= w*h <= max_pixels`` with the aspect ratio kept.
 
-    Downscaling stops at ``min_side`` for the short side (so extreme aspect ratios may keep a few more
-    pixels than ``max_pixels``); ``None`` bounds are not enforced.
+    On the way down the short side is rounded up, so the aspect ratio never grows past the original
+    one (Qwen refuses ratios above 200); ``None`` bounds are not enforced.
     """
     pixels = width * height
     if max_pixels is not None and pixels > max_pixels:
-        scale = math.sqrt(max_pixels / pixels)
-        w, h = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
-        if w <= h:
-            w = max(w, min(width, min_side))
-        else:
-            h = max(h, min(height, min_side))
-        return w, h
+        long, short = max(width, height), min(width, height)
+        new_long = max(1, math.floor(long * math.sqrt(max_pixels / pixels)))
+        new_short = math.ceil(new_long * short / long)
+        while new_long * new_short > max_pixels and new_long > 1:
+            new_long -= 1
+            new_short = math.ceil(new_long * short / long)
+        return (new_long, new_short) if width >= height else (new_short, new_long)
     if min_pixels is not None and pixels < min_pixels:
         scale = math.sqrt(min_pixels / pixels)
         return math.ceil(width * scale), math.ceil(height * scale)

@@ -153,7 +153,8 @@ def validate_dataset(
                 report.skipped[problem.reason] += 1
                 report.examples.setdefault(problem.reason, str(error))
     if report.num_rows == 0:
-        raise DataError(f"dataset {ds.source or ''} has no rows; check the path, split and filters".replace("  ", " "))
+        name = f"dataset {ds.source}" if ds.source else "dataset"
+        raise DataError(f"{name} has no rows; check the path, split and filters")
     if not report.valid:
         raise DataError(f"every one of the {report.num_rows} rows is invalid ({dict(report.skipped)}); first: "
                         f"{next(iter(report.examples.values()))}")

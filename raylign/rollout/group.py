@@ -107,16 +107,26 @@ class RolloutGroup:
             raise ValueError("an in-process RolloutGroup (num_workers=0) cannot add workers")
         return [self._start_worker().id for _ in range(k)]
 
-    def remove_workers(self, k: int) -> list[str]:
-        """Stop sending work to ``k`` workers (unsynced, then least busy first); each is killed when idle."""
+    def remove_workers(self, k: int = 0, worker_ids: Sequence[str] = ()) -> list[str]:
+        """Stop sending work to ``worker_ids``, or to ``k`` workers (unsynced, then least busy first).
+
+        Each is killed once its in-flight calls have returned (their results are kept).
+        """
         live = [w for w in self._workers if not w.draining]
-        if k > len(live) or (k == len(live) and self._requests):
-            raise ValueError(f"cannot remove {k} of {len(live)} workers while requests are outstanding")
-        live.sort(key=lambda w: (w.version == self.version, len(w.inflight)))
-        for w in live[:k]:
+        if worker_ids:
+            unknown = set(worker_ids) - {w.id for w in live}
+            if unknown:
+                raise KeyError(f"no live rollout workers {sorted(unknown)}; current: {[w.id for w in live]}")
+            chosen = [w for w in live if w.id in set(worker_ids)]
+        else:
+            live.sort(key=lambda w: (w.version == self.version, len(w.inflight)))
+            chosen = live[:k]
+        if len(chosen) > len(live) - (1 if self._requests else 0) or k > len(live):
+            raise ValueError(f"cannot remove {len(chosen)} of {len(live)} workers while requests are outstanding")
+        for w in chosen:
             w.draining = True
             self._retire_if_idle(w)
-        return [w.id for w in live[:k]]
+        return [w.id for w in chosen]
 
     def workers_needing_sync(self) -> list[str]:
         """Ids of workers whose weights are older than the group's version (they get no work)."""

@@ -137,7 +137,7 @@ def test_too_long_counts_image_tokens_exactly(tiny_model_dir, kind):
     if kind == "preference":
         row |= {"chosen": "red", "rejected": "blue"}
     if kind == "sft":
-        row = {"messages": prompt + [{"role": "assistant", "content": "red"}], "images": images}
+        row = {"messages": prompt + [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}], "images": images}
     ds = VLMDataset.from_list([row])
     # The true lengths, from the processor itself.
     pair = collate_preference(processor, [{"prompt": prompt, "chosen": "red", "rejected": "blue", "images": images}])
@@ -153,7 +153,8 @@ def test_too_long_counts_image_tokens_exactly(tiny_model_dir, kind):
             f"row 0, column 'prompt': the prompt has {prompt_len} tokens, above max_prompt_length={prompt_len - 1}; "
             f"shorten it, lower max_pixels, raise the limit, or set truncation='truncate_left'" + HINT
         )
-    report = validate_dataset(ds, processor=processor, max_length=full_len, max_prompt_length=prompt_len)
+    longest = max(full_len, int(pair["attention_mask"].sum(1).max()))
+    report = validate_dataset(ds, processor=processor, max_length=longest, max_prompt_length=prompt_len)
     assert report.num_valid == 1
 
 

@@ -110,7 +110,7 @@ def test_scores_builtins_and_user_functions(helpers: str) -> None:
 
 @pytest.mark.parametrize("fn", ["hang", "spin"])
 def test_a_hanging_function_times_out_promptly(helpers: str, fn: str) -> None:
-    timeout_s = 0.5
+    timeout_s, slack = 0.5, 0.4  # slack: kill + restart of the process, on a busy 2-core CI box
     with RewardWorker([f"{helpers}:{fn}", "format"], timeout_s=timeout_s, num_processes=2) as worker:
         worker.score(make_rollout(["x"]))  # a first timeout: its process is replaced
         worker.wait_ready()  # measure the call, not a process start
@@ -120,7 +120,7 @@ def test_a_hanging_function_times_out_promptly(helpers: str, fn: str) -> None:
         assert group.per_function[fn] == (None, None)
         assert group.timeouts[fn] == 1 and group.errors[fn] == 0
         assert group.per_function["format"] == (1.0, 0.0) and group.rewards == (1.0, 0.0)
-        assert timeout_s <= elapsed < timeout_s + 0.3, f"returned after {elapsed:.3f} s"
+        assert timeout_s <= elapsed < timeout_s + slack, f"returned after {elapsed:.3f} s"
         stats = worker.stats()
         assert stats["timeouts"] == 2 and stats["process_restarts"] == 2
 

@@ -46,11 +46,12 @@ def requests(sampling: SamplingParams) -> list[RolloutRequest]:
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    return TransformersEngine(str(tiny_model_dir), batch_size=2, seed=3)
+def engine(tiny_qwen_dir):
+    return TransformersEngine(str(tiny_qwen_dir), batch_size=2, seed=3)
 
 
-def test_n_completions_with_teacher_forced_logprobs(engine):
+def test_n_completions_with_teacher_forced_logprobs(tiny_model_dir):
+    engine = TransformersEngine(str(tiny_model_dir), batch_size=2, seed=3)
     # top-k/top-p truncate sampling, yet logprobs are of the full tempered distribution
     sampling = SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=40, max_tokens=10)
     batch = requests(sampling)
@@ -104,13 +105,16 @@ def _embedding_name(engine) -> str:
     return next(n for n, p in engine.model.named_parameters() if p is emb)
 
 
-def test_finish_reasons_and_eos_trimming(tiny_model_dir):
-    engine = TransformersEngine(str(tiny_model_dir))
-    eos = engine.eos_ids[0]
+def test_finish_reasons_eos_trimming_and_no_placeholders(tiny_qwen_dir):
+    engine = TransformersEngine(str(tiny_qwen_dir))
+    eos, image_pad = engine.eos_ids[0], engine.processor.image_token_id
+    assert image_pad in engine.suppressed_ids
     length_only = engine.generate([requests(SamplingParams(n=4, max_tokens=5, seed=0))[0]])[0]
-    # Make <|im_end|> likely (tied embeddings: its logit is h . e_eos) so rows of one batch end apart.
+    # Make <|im_end|> likely (tied embeddings: its logit is h . e_eos) so rows of one batch end apart,
+    # and <|image_pad|> likelier still: it must never be sampled.
     weights = engine.model.get_input_embeddings().weight.detach().clone()
     weights[eos] *= 30
+    weights[image_pad] *= 60
     engine.load_weights([(_embedding_name(engine), weights)])
     sampling = SamplingParams(n=16, temperature=1.0, max_tokens=12, seed=1)
     rollout = engine.generate([requests(sampling)[0]])[0]
@@ -118,6 +122,7 @@ def test_finish_reasons_and_eos_trimming(tiny_model_dir):
     assert "stop" in reasons and "length" in reasons
     assert all(c.finish_reason == "length" and len(c.token_ids) == 5 for c in length_only.completions)
     for c in rollout.completions:
+        assert not set(c.token_ids) & set(engine.suppressed_ids)
         assert eos not in c.token_ids[:-1]  # nothing after the first EOS survives
         if c.finish_reason == "stop":
             assert c.token_ids[-1] == eos and len(c.token_ids) <= 12 and "<|im_end|>" not in c.text

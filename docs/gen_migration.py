@@ -39,8 +39,8 @@ RENAMED: dict[str, dict[str, tuple[str, str]]] = {
         "output_dir": ("output_dir", "Parent of run directories: a run writes to `output_dir/run_name`."),
         "run_name": ("run_name", "Names the run directory (default `<method>-<timestamp>`)."),
         "bf16": ("learner.precision", "`bf16`; the default `auto` is bf16 on GPU and fp32 on CPU."),
-        "deepspeed": ("learner.zero_stage", "raylign writes the DeepSpeed config from `learner.*` "
-                      "(`zero_stage`, `offload_optimizer`, `offload_param`)."),
+        "deepspeed": ("learner.zero_stage", ("raylign writes the DeepSpeed config from `learner.*` "
+                                             "(`zero_stage`, `offload_optimizer`, `offload_param`).")),
         "eval_strategy": ("train.eval_steps", "Evaluate every N steps; 0 = never."),
         "save_strategy": ("train.save_steps", "Checkpoint every N steps; 0 = only at the end."),
         "logging_strategy": ("train.logging_steps", "Log every N steps."),
@@ -58,8 +58,8 @@ RENAMED: dict[str, dict[str, tuple[str, str]]] = {
     },
     "GRPOConfig": {
         "use_vllm": ("rollout.engine", "`vllm`; the default `transformers` engine runs anywhere."),
-        "vllm_mode": ("rollout.colocate", "`colocate` = true (needs `rollout.enable_sleep_mode`); "
-                      "`server` = false: rollout workers on their own GPUs."),
+        "vllm_mode": ("rollout.colocate", ("`colocate` = true (needs `rollout.enable_sleep_mode`); "
+                                           "`server` = false: rollout workers on their own GPUs.")),
         "vllm_gpu_memory_utilization": ("rollout.gpu_memory_utilization", ""),
         "vllm_tensor_parallel_size": ("rollout.tensor_parallel_size", ""),
         "vllm_max_model_length": ("rollout.max_model_len", ""),
@@ -67,10 +67,10 @@ RENAMED: dict[str, dict[str, tuple[str, str]]] = {
         "vllm_model_impl": ("rollout.engine_kwargs", "`{model_impl: ...}`"),
         "vllm_importance_sampling_correction": ("grpo.tis_cap", "A cap turns the correction on; null = off."),
         "vllm_importance_sampling_cap": ("grpo.tis_cap", ""),
-        "generation_batch_size": ("grpo.prompts_per_step", "raylign counts prompts: samples per step = "
-                                  "prompts_per_step x num_generations."),
-        "steps_per_generation": ("grpo.max_staleness", "Different mechanism: rollouts stream continuously "
-                                 "and may lag the learner by at most this many policy versions."),
+        "generation_batch_size": ("grpo.prompts_per_step", ("raylign counts prompts: samples per step = "
+                                                            "prompts_per_step x num_generations.")),
+        "steps_per_generation": ("grpo.max_staleness", ("Different mechanism: rollouts stream continuously "
+                                                        "and may lag the learner by at most this many policy versions.")),
         "log_completions": ("grpo.log_completions_steps", "Every N steps; 0 = never."),
         "shuffle_dataset": ("data.shuffle", ""),
         "loss_type": ("grpo.loss_type", "`grpo`, `bnpo`, `dr_grpo` or `dapo` (the default in both)."),

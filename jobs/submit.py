@@ -27,8 +27,9 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 
@@ -47,7 +48,10 @@ class SubmitError(ValueError):
 def recipe_method(recipe: Path, method: str | None = None) -> str:
     """The training method: `method` when given, else the recipe's top-level `method:` key."""
     if method is None:
-        data = yaml.safe_load(recipe.read_text()) if recipe.is_file() else None
+        try:
+            data = yaml.safe_load(recipe.read_text()) if recipe.is_file() else None
+        except yaml.YAMLError as e:
+            raise SubmitError(f"{recipe}: not valid YAML ({' '.join(str(e).split())})") from e
         if not isinstance(data, dict):
             raise SubmitError(f"{recipe}: not a recipe file (a YAML mapping of config sections)")
         method = data.get("method")
@@ -101,8 +105,9 @@ async def _tail(client: Any, job_id: str, write: Callable[[str], Any]) -> None:
         write(chunk)
 
 
-def follow(client: Any, job_id: str, write: Callable[[str], Any] = sys.stdout.write, poll_s: float = POLL_S) -> str:
-    """Stream the job's logs until it ends; returns its final status (SUCCEEDED, FAILED or STOPPED)."""
+def follow(client: Any, job_id: str, write: Callable[[str], Any] | None = None, poll_s: float = POLL_S) -> str:
+    """Stream the job's logs (to `write`, default stdout) until it ends; returns SUCCEEDED, FAILED or STOPPED."""
+    write = write or sys.stdout.write
     try:
         asyncio.run(_tail(client, job_id, write))
     except RuntimeError as e:  # the log stream broke (e.g. a proxy closed it); the job is not affected

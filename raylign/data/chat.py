@@ -43,7 +43,8 @@ def _clean_message(message: dict[str, Any]) -> dict[str, Any]:
     content = out.get("content")
     if isinstance(content, (list, tuple)):
         out["content"] = [
-            {k: v for k, v in part.items() if v is not None} if isinstance(part, dict) else part for part in content
+            {k: v for k, v in part.items() if v is not None} if isinstance(part, dict) else part
+            for part in content
         ]
     return out
 

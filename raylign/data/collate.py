@@ -21,19 +21,19 @@ import torch
 
 from raylign.data.chat import is_conversational, to_messages
 from raylign.data.errors import DataError
-from raylign.data.images import to_rgb
-from raylign.data.tokens import Encoded, encode_chat, encode_prompt_completion, vision_token_ids
+from raylign.data.images import decode_image, to_rgb
+from raylign.data.tokens import Encoded, encode_chats, encode_prompt_completions, vision_token_ids
 
 Truncation = Literal["error", "skip", "truncate_left"]
 TRUNCATIONS = ("error", "skip", "truncate_left")
 
 
 def row_images(row: Mapping[str, Any]) -> list:
-    """The row's images as RGB PIL images (``images`` list, or a single ``image``)."""
+    """The row's images as RGB PIL images (``images`` list, or a single ``image``; PIL, bytes or paths)."""
     images = row.get("images")
     if images is None:
         images = [row["image"]] if row.get("image") is not None else []
-    return [to_rgb(im) for im in images]
+    return [to_rgb(decode_image(im)) for im in images]
 
 
 def completion_messages_of(completion: Any) -> list[dict[str, Any]]:
@@ -42,7 +42,9 @@ def completion_messages_of(completion: Any) -> list[dict[str, Any]]:
         return [{"role": "assistant", "content": completion}]
     if is_conversational(completion):
         return to_messages(completion)
-    raise DataError(f"a completion must be a string or a list of assistant messages, got {type(completion).__name__}")
+    raise DataError(
+        f"a completion must be a string or a list of assistant messages, got {type(completion).__name__}"
+    )
 
 
 def _limit(
@@ -53,8 +55,8 @@ def _limit(
         raise ValueError(f"truncation={truncation!r} is not one of {', '.join(TRUNCATIONS)}")
     need, limit = 0, ""
     if max_prompt_length is not None and enc.prompt_length > max_prompt_length:
-        need, limit = enc.prompt_length - max_prompt_length, f"its prompt has {enc.prompt_length} tokens, " \
-            f"above max_prompt_length={max_prompt_length}"
+        need = enc.prompt_length - max_prompt_length
+        limit = f"its prompt has {enc.prompt_length} tokens, above max_prompt_length={max_prompt_length}"
     if max_length is not None and len(enc) - need > max_length:
         need, limit = len(enc) - max_length, f"it has {len(enc)} tokens, above max_length={max_length}"
     if need == 0:
@@ -66,16 +68,20 @@ def _limit(
     detail = f"batch row {b}: {limit} ({enc.image_tokens} of them image tokens)"
     if truncation == "truncate_left":
         raise DataError(
-            f"{detail}; truncate_left may drop only the {enc.max_drop} text tokens before the first image and the "
-            f"completion, {need} must go; raise the limit, lower max_pixels, or set truncation='skip'"
+            f"{detail}; truncate_left may drop only the {enc.max_drop} text tokens before the first image "
+            f"and the completion, {need} must go; raise the limit, lower max_pixels, or set truncation='skip'"
         )
-    raise DataError(f"{detail}; raise the limit, lower max_pixels, or set truncation='truncate_left' or 'skip'")
+    raise DataError(
+        f"{detail}; raise the limit, lower max_pixels, or set truncation='truncate_left' or 'skip'"
+    )
 
 
 def pad_batch(processor, rows: Sequence[Encoded]) -> dict[str, torch.Tensor]:
     """Right-pad encoded rows into one batch dict (vision tensors concatenated in row order)."""
     if not rows:
-        raise DataError("no rows left to batch (all were skipped for length); raise max_length or filter the data")
+        raise DataError(
+            "no rows left to batch (all were skipped for length); raise max_length or filter the data"
+        )
     pad_id = processor.tokenizer.pad_token_id
     if pad_id is None:
         raise DataError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
@@ -114,20 +120,21 @@ def collate_sft(
     prompt/completion rows, the completion only. ``skipped`` (when given) receives the indices of
     rows dropped under ``truncation="skip"``.
     """
-    encoded = []
-    for b, row in enumerate(rows):
+    chats = []
+    for row in rows:
         images = row_images(row)
-        if "messages" in row and row["messages"] is not None:
-            enc = encode_chat(processor, to_messages(row["messages"], len(images)), images, 0, protect="last")
+        if row.get("messages") is not None:
+            chats.append((to_messages(row["messages"], len(images)), images, 0, "last"))
         else:
             prompt = to_messages(row["prompt"], len(images))
-            messages = prompt + completion_messages_of(row["completion"])
-            enc = encode_chat(processor, messages, images, len(prompt), protect="first")
-        enc = _limit(enc, b, max_length, None, truncation)
-        if enc is None and skipped is not None:
+            chats.append((prompt + completion_messages_of(row["completion"]), images, len(prompt), "first"))
+    encoded = []
+    for b, enc in enumerate(encode_chats(processor, chats)):
+        kept = _limit(enc, b, max_length, None, truncation)
+        if kept is None and skipped is not None:
             skipped.append(b)
-        if enc is not None:
-            encoded.append(enc)
+        if kept is not None:
+            encoded.append(kept)
     return pad_batch(processor, encoded)
 
 
@@ -139,20 +146,24 @@ def collate_preference(
     truncation: Truncation = "error",
     skipped: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One batch of ``2B`` rows: ``prompt + chosen`` for rows ``[0, B)``, ``prompt + rejected`` for ``[B, 2B)``.
+    """One batch of ``2B`` rows: ``prompt + chosen`` in rows ``[0, B)``, ``prompt + rejected`` in ``[B, 2B)``.
 
     ``completion_mask`` covers the completion and its closing end-of-turn token; images repeat for the
     second half. A pair with either side over a limit is skipped (or raised on) as a whole.
     """
-    chosen, rejected = [], []
-    for b, row in enumerate(rows):
+    chats = {"chosen": [], "rejected": []}
+    for row in rows:
         images = row_images(row)
         prompt = to_messages(row["prompt"], len(images))
-        pair = []
-        for column in ("chosen", "rejected"):
-            messages = prompt + completion_messages_of(row[column])
-            enc = encode_chat(processor, messages, images, len(prompt), protect="first")
-            pair.append(_limit(enc, b, max_length, max_prompt_length, truncation))
+        for column, items in chats.items():
+            items.append((prompt + completion_messages_of(row[column]), images, len(prompt), "first"))
+    both = encode_chats(processor, chats["chosen"] + chats["rejected"])
+    chosen, rejected = [], []
+    for b in range(len(rows)):
+        pair = [
+            _limit(enc, b, max_length, max_prompt_length, truncation)
+            for enc in (both[b], both[b + len(rows)])
+        ]
         if None in pair:
             if skipped is not None:
                 skipped.append(b)
@@ -182,14 +193,11 @@ def collate_completions(
         found = banned.intersection(ids)
         if found:
             raise DataError(
-                f"batch row {b}: the completion contains image token id(s) {sorted(found)}, which the model would "
-                f"read as image slots; suppress them when sampling (rollout engines pass them as banned tokens)"
+                f"batch row {b}: the completion contains image token id(s) {sorted(found)}, which the model "
+                f"would read as image slots; suppress them when sampling (rollout engines ban them)"
             )
-    encoded = [
-        encode_prompt_completion(processor, p, [to_rgb(im) for im in imgs], ids)
-        for p, imgs, ids in zip(prompts, images, completion_ids)
-    ]
-    return pad_batch(processor, encoded)
+    rgb = [[to_rgb(im) for im in imgs] for imgs in images]
+    return pad_batch(processor, encode_prompt_completions(processor, prompts, rgb, completion_ids))
 
 
 def pack_targets(completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,7 +66,8 @@ def check_columns(columns: Sequence[str], kind: str) -> None:
     missing = [c for c in required if c not in columns]
     if missing:
         raise DataError(
-            f"column '{missing[0]}' is missing: a {kind} dataset needs {', '.join(repr(c) for c in required)}, "
+            f"column '{missing[0]}' is missing: a {kind} dataset needs "
+            f"{', '.join(repr(c) for c in required)}, "
             f"found {sorted(columns)}; rename your columns or choose another kind"
         )
 
@@ -129,7 +130,9 @@ class VLMDataset:
             single = row.pop("image")
             row.setdefault("images", [] if single is None else [single])
         images = row.get("images") or []
-        row["images"] = [fit_image(decode_image(v, self.base_dir), self.min_pixels, self.max_pixels) for v in images]
+        row["images"] = [
+            fit_image(decode_image(v, self.base_dir), self.min_pixels, self.max_pixels) for v in images
+        ]
         return row
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -151,6 +154,14 @@ class VLMDataset:
 
     def select(self, indices: Sequence[int]) -> VLMDataset:
         return self._wrap(self.hf.select(indices))
+
+    def shard(self, num_shards: int, index: int) -> VLMDataset:
+        """Rows ``index, index + num_shards, ...``: one data-parallel rank's share."""
+        if self.streaming:
+            from datasets.distributed import split_dataset_by_node
+
+            return self._wrap(split_dataset_by_node(self.hf, rank=index, world_size=num_shards))
+        return self._wrap(self.hf.shard(num_shards, index, contiguous=False))
 
     def shuffle(self, seed: int = 0) -> VLMDataset:
         """Shuffled view (map-style: an index permutation; streaming: a shuffle buffer)."""
@@ -182,7 +193,9 @@ def load_dataset(
         hf = _load_local(path, split, streaming, cache_dir)
         base_dir = str(path if path.is_dir() else path.parent)
     elif _looks_local(os.fspath(source)):
-        raise DataError(f"dataset path {os.fspath(source)} does not exist; check the path (data.path in the config)")
+        raise DataError(
+            f"dataset path {os.fspath(source)} does not exist; check the path (data.path in the config)"
+        )
     else:
         hf = _load_hub(os.fspath(source), split, streaming, cache_dir)
         base_dir = None
@@ -194,13 +207,17 @@ def _load_local(path: Path, split: str, streaming: bool, cache_dir: str | None):
         hf = datasets.load_from_disk(str(path))
         if isinstance(hf, datasets.DatasetDict):
             if split not in hf:
-                raise DataError(f"{path} has splits {sorted(hf)}, not {split!r}; set data.split to one of them")
+                raise DataError(
+                    f"{path} has splits {sorted(hf)}, not {split!r}; set data.split to one of them"
+                )
             hf = hf[split]
         return hf.to_iterable_dataset() if streaming else hf
     if path.is_file():
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise DataError(f"{path}: unknown data file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}")
+            raise DataError(
+                f"{path}: unknown data file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}"
+            )
         return datasets.load_dataset(
             builder, data_files=str(path), split="train", streaming=streaming, cache_dir=cache_dir
         )
@@ -227,21 +244,27 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    )
 
 
 def _load_hub(name: str, split: str, streaming: bool, cache_dir: str | None):
     if not _offline() and not hub_reachable():
         raise DataError(
-            f"dataset {name!r} is not a local path and the Hugging Face hub ({_hub_endpoint()}) is not reachable; "
+            f"dataset {name!r} is not a local path and the Hugging Face hub ({_hub_endpoint()}) "
+            f"is not reachable; "
             f"download it where there is network (datasets.load_dataset(...).save_to_disk(dir)) and pass the "
             f"local path, or set HF_HUB_OFFLINE=1 to use a cached copy"
         )
     try:
         return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=cache_dir)
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise DataError(f"could not load dataset {name!r} from the hub ({type(e).__name__}: {e}); check the name "
-                        f"and split, or pass a local path") from e
+        raise DataError(
+            f"could not load dataset {name!r} from the hub ({type(e).__name__}: {e}); check the name "
+            f"and split, or pass a local path"
+        ) from e
 
 
 def train_eval_split(
@@ -256,7 +279,9 @@ def train_eval_split(
         ds = VLMDataset(ds)
     if ds.streaming:
         if not isinstance(eval_split_size, int) or eval_split_size < 1:
-            raise DataError("a streaming dataset can hold out a number of rows only; set eval_split_size to an int")
+            raise DataError(
+                "a streaming dataset can hold out a number of rows only; set eval_split_size to an int"
+            )
         return ds._wrap(ds.hf.skip(eval_split_size)), ds._wrap(ds.hf.take(eval_split_size))
     n = len(ds)
     size = eval_split_size if isinstance(eval_split_size, int) else round(eval_split_size * n)

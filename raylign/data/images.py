@@ -63,7 +63,9 @@ def fitted_size(
     return width, height
 
 
-def fit_image(image: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None) -> Image.Image:
+def fit_image(
+    image: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """``image`` in RGB, resized (aspect kept) into ``[min_pixels, max_pixels]``."""
     image = to_rgb(image)
     size = fitted_size(image.width, image.height, min_pixels, max_pixels)
@@ -84,7 +86,9 @@ def image_bytes(value: Any, base_dir: str | None = None) -> bytes:
     elif isinstance(value, (str, os.PathLike)):
         data, path = None, os.fspath(value)
     else:
-        raise ImageProblem("bad_image_value", f"expected image bytes, a path or a PIL image, got {type(value).__name__}")
+        raise ImageProblem(
+            "bad_image_value", f"expected image bytes, a path or a PIL image, got {type(value).__name__}"
+        )
     if data is not None:
         if len(data) == 0:
             raise ImageProblem("empty_image", "the image bytes are empty")
@@ -139,7 +143,8 @@ def _check_size(width: int, height: int, max_image_pixels: int, max_aspect_ratio
     if width * height > max_image_pixels:
         raise ImageProblem(
             "decompression_bomb",
-            f"the image is {width}x{height} = {width * height} pixels, above max_image_pixels={max_image_pixels} "
+            f"the image is {width}x{height} = {width * height} pixels, "
+            f"above max_image_pixels={max_image_pixels} "
             f"(a possible decompression bomb)",
         )
     ratio = max(width, height) / min(width, height)

@@ -46,7 +46,7 @@ class LengthCounter:
             return int((out["input_ids"][0] == self.image_id).sum())
 
     def measure(self, text: str, sizes: list[tuple[int, int]]) -> tuple[int, int]:
-        """``(length, first_vision)``: expanded token count of ``text`` and the position of its first image token."""
+        """``(length, first_vision)``: expanded token count of ``text``, position of its first image token."""
         ids = self.processor.tokenizer(text)["input_ids"]
         placeholders = sum(1 for t in ids if t == self.image_id)
         expanded = len(ids) - placeholders + sum(self.image_tokens(w, h) for w, h in sizes)
@@ -62,7 +62,7 @@ class LengthCounter:
         max_prompt_length: int | None,
         truncation: str,
     ) -> tuple[str, str, str] | None:
-        """``(column, problem, fix)`` when the row exceeds a limit (after what truncation may drop), else None."""
+        """``(column, problem, fix)`` when the row exceeds a limit (after what truncation may drop)."""
         n = len(sizes)
         if kind == "sft" and row.get("messages") is not None:
             messages = to_messages(row["messages"], n)
@@ -74,25 +74,38 @@ class LengthCounter:
             prompt = to_messages(row["prompt"], n)
             prompt_text = render_prompt(self.processor, prompt, n, add_generation_prompt=True)
             columns = {"sft": ("completion",), "prompt": (), "preference": ("chosen", "rejected")}[kind]
-            fulls = {c: render_prompt(self.processor, prompt + _as_messages(row[c]), n, False) for c in columns}
+            fulls = {
+                c: render_prompt(self.processor, prompt + _as_messages(row[c]), n, False) for c in columns
+            }
             prompt_column = "prompt"
         prompt_len, first_vision = self.measure(prompt_text, sizes)
         droppable = min(first_vision, prompt_len) if truncation == "truncate_left" else 0
         if max_prompt_length is not None and kind != "sft" and prompt_len - droppable > max_prompt_length:
-            return prompt_column, self._detail("the prompt", prompt_len, droppable, "max_prompt_length",
-                                               max_prompt_length), _TOO_LONG_FIX
+            return (
+                prompt_column,
+                self._detail("the prompt", prompt_len, droppable, "max_prompt_length", max_prompt_length),
+                _TOO_LONG_FIX,
+            )
         if max_length is None:
             return None
         texts = fulls or {prompt_column: prompt_text}
         for column, text in texts.items():
             length, _ = self.measure(text, sizes)
             if length - droppable > max_length:
-                return column, self._detail("the row", length, droppable, "max_length", max_length), _TOO_LONG_FIX
+                return (
+                    column,
+                    self._detail("the row", length, droppable, "max_length", max_length),
+                    _TOO_LONG_FIX,
+                )
         return None
 
     @staticmethod
     def _detail(what: str, length: int, droppable: int, name: str, limit: int) -> str:
-        kept = f" ({length - droppable} after truncate_left drops the {droppable} text tokens it may)" if droppable else ""
+        kept = (
+            f" ({length - droppable} after truncate_left drops the {droppable} text tokens it may)"
+            if droppable
+            else ""
+        )
         return f"{what} has {length} tokens{kept}, above {name}={limit}"
 
 

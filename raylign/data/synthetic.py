@@ -88,7 +88,9 @@ def _color(rng: random.Random) -> Example:
         small = min(width, height) * 0.18
         cx, cy = rng.choice([0, width - small]), rng.choice([0, height - small])
         _shape(draw, rng.choice(SHAPES), (cx, cy, cx + small, cy + small), COLORS[rng.choice(others)])
-    return Example(image, "What colour is the big shape?", name, rng.choice(others), f"the big shape is {name}")
+    return Example(
+        image, "What colour is the big shape?", name, rng.choice(others), f"the big shape is {name}"
+    )
 
 
 def _count(rng: random.Random) -> Example:
@@ -170,7 +172,10 @@ FEATURES: dict[str, Features] = {
 
 
 def _user_turn(question: str) -> dict:
-    return {"role": "user", "content": [{"type": "image", "text": None}, {"type": "text", "text": f"{question} {ANSWER_HINT}"}]}
+    return {
+        "role": "user",
+        "content": [{"type": "image", "text": None}, {"type": "text", "text": f"{question} {ANSWER_HINT}"}],
+    }
 
 
 def _rows(ex: Example, png: bytes, task: str) -> dict[str, dict]:
@@ -181,7 +186,10 @@ def _rows(ex: Example, png: bytes, task: str) -> dict[str, dict]:
     wrong = format_answer(ex.reasoning.replace(ex.answer, ex.wrong), ex.wrong)
     return {
         "prompt": {"prompt": [user], **common},
-        "sft": {"messages": [user, {"role": "assistant", "content": [{"type": "text", "text": right}]}], **common},
+        "sft": {
+            "messages": [user, {"role": "assistant", "content": [{"type": "text", "text": right}]}],
+            **common,
+        },
         "preference": {
             "prompt": [user],
             "chosen": [{"role": "assistant", "content": right}],

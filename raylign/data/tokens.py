@@ -92,7 +92,8 @@ def target_spans(processor, messages: Messages, first_target: int = 0) -> tuple[
         if not (through.startswith(before) and text.startswith(through)):
             raise DataError(
                 f"the chat template does not render message {i} as an extension of the messages before it, "
-                f"so its tokens cannot be located; use a template whose renderings of a conversation's prefixes "
+                f"so its tokens cannot be located; use a template whose renderings of a conversation's "
+                f"prefixes "
                 f"are prefixes of the whole (ChatML does)"
             )
         end = through.rfind(eot, len(before))
@@ -100,23 +101,45 @@ def target_spans(processor, messages: Messages, first_target: int = 0) -> tuple[
     return text, spans
 
 
-def _process(processor, text: str, images: Sequence[Any]) -> dict[str, torch.Tensor]:
-    kwargs: dict[str, Any] = {"images": [list(images)]} if images else {}
-    out = processor(text=[text], return_tensors="pt", **kwargs)
-    return dict(out)
+def process_batch(
+    processor, texts: Sequence[str], images: Sequence[Sequence[Any]]
+) -> list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """One processor call for all rows (its per-call overhead dominates small rows), split back per row.
+
+    Returns ``(input_ids [L_b], per-token tensors [L_b], vision tensors)`` per row, unpadded.
+    """
+    kwargs: dict[str, Any] = {"images": [list(i) for i in images]} if any(len(i) for i in images) else {}
+    out = dict(processor(text=list(texts), padding=True, padding_side="right", return_tensors="pt", **kwargs))
+    ids = out.pop("input_ids")
+    lengths = out["attention_mask"].sum(1).tolist()
+    per_token = {k: v for k, v in out.items() if k in PER_TOKEN_KEYS or tuple(v.shape) == tuple(ids.shape)}
+    vision = _split_vision({k: v for k, v in out.items() if k not in per_token}, [len(i) for i in images])
+    return [
+        (ids[b, :n], {k: v[b, :n] for k, v in per_token.items()}, vision[b]) for b, n in enumerate(lengths)
+    ]
 
 
-def _split(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict, dict]:
-    ids = out["input_ids"][0]
-    per_token, vision = {}, {}
-    for key, value in out.items():
-        if key == "input_ids":
-            continue
-        if key in PER_TOKEN_KEYS or (value.dim() == 2 and tuple(value.shape) == (1, ids.shape[0])):
-            per_token[key] = value[0]
+def _split_vision(vision: dict[str, torch.Tensor], counts: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Per-row pieces of the batch's vision tensors: their first dim is images, or (Qwen) image patches."""
+    rows: list[dict[str, torch.Tensor]] = [{} for _ in counts]
+    grid = vision.get("image_grid_thw")
+    patches = grid.prod(-1).tolist() if grid is not None else None
+    for key, value in vision.items():
+        if value.shape[0] == sum(counts):
+            sizes = counts
+        elif patches is not None and value.shape[0] == sum(patches):
+            bounds = [sum(counts[:b]) for b in range(len(counts) + 1)]
+            sizes = [sum(patches[bounds[b] : bounds[b + 1]]) for b in range(len(counts))]
         else:
-            vision[key] = value
-    return ids, per_token, vision
+            raise RuntimeError(
+                f"the processor's {key!r} (shape {tuple(value.shape)}) is neither per image nor per "
+                f"image patch; "
+                f"raylign supports Qwen-VL and LLaVA processors"
+            )
+        for b, piece in enumerate(torch.split(value, sizes)):
+            if counts[b]:
+                rows[b][key] = piece
+    return rows
 
 
 def _align(unexpanded: list[int], expanded: list[int], image_id: int) -> list[int]:
@@ -132,7 +155,8 @@ def _align(unexpanded: list[int], expanded: list[int], image_id: int) -> list[in
             continue
         if j >= len(expanded) or unexpanded[i] != expanded[j]:
             raise RuntimeError(
-                "the processor's token ids differ from the tokenizer's outside the image runs; raylign supports "
+                "the processor's token ids differ from the tokenizer's outside the image runs; raylign "
+                "supports "
                 "processors that only expand image placeholders (Qwen-VL, LLaVA)"
             )
         where[i] = j
@@ -146,46 +170,59 @@ def _first(mask: torch.Tensor, default: int) -> int:
     return int(nz[0, 0]) if len(nz) else default
 
 
-def encode_chat(
-    processor, messages: Messages, images: Sequence[Any], first_target: int = 0, protect: str = "last"
-) -> Encoded:
-    """Tokenise a whole conversation; targets are the assistant turns from message ``first_target`` on.
+def encode_chats(processor, chats: Sequence[tuple[Messages, Sequence[Any], int, str]]) -> list[Encoded]:
+    """Tokenise whole conversations ``(messages, images, first_target, protect)``.
 
-    ``protect`` says which target span truncate_left must keep whole: ``"last"`` (SFT: the final
-    assistant turn) or ``"first"`` (preference: the whole completion).
+    Targets are the assistant turns from message ``first_target`` on. ``protect`` says which target
+    span truncate_left must keep whole: ``"last"`` (SFT: the final assistant turn) or ``"first"``
+    (preference: the whole completion).
     """
-    text, spans = target_spans(processor, messages, first_target)
-    if not spans:
+    rendered = [target_spans(processor, messages, first) for messages, _, first, _ in chats]
+    if any(not spans for _, spans in rendered):
         raise DataError("the conversation has no assistant turn to train on; add one (role 'assistant')")
-    ids, per_token, vision = _split(_process(processor, text, images))
-    enc = processor.tokenizer(text, return_offsets_mapping=True)
-    where = _align(enc["input_ids"], ids.tolist(), image_token_id(processor))
-    targets = torch.zeros(len(ids), dtype=torch.bool)
-    span_starts = []
-    for start, end in spans:
-        first = None
-        for k, (a, _) in enumerate(enc["offset_mapping"]):
-            if start <= a < end and where[k] >= 0:
-                targets[where[k]] = True
-                first = where[k] if first is None else first
-        span_starts.append(first if first is not None else len(ids))
-    keep = span_starts[-1] if protect == "last" else span_starts[0]
-    return _finish(processor, ids, per_token, vision, targets, keep)
+    texts = [text for text, _ in rendered]
+    processed = process_batch(processor, texts, [images for _, images, _, _ in chats])
+    plain = processor.tokenizer(texts, return_offsets_mapping=True)
+    image_id = image_token_id(processor)
+    encoded = []
+    for b, ((_, spans), (ids, per_token, vision)) in enumerate(zip(rendered, processed)):
+        where = _align(plain["input_ids"][b], ids.tolist(), image_id)
+        targets = torch.zeros(len(ids), dtype=torch.bool)
+        starts = []
+        for start, end in spans:
+            inside = [
+                where[k]
+                for k, (a, _) in enumerate(plain["offset_mapping"][b])
+                if start <= a < end and where[k] >= 0
+            ]
+            targets[inside] = True
+            starts.append(inside[0] if inside else len(ids))
+        keep = starts[-1] if chats[b][3] == "last" else starts[0]
+        encoded.append(_finish(processor, ids, per_token, vision, targets, keep))
+    return encoded
 
 
-def encode_prompt_completion(processor, prompt: Any, images: Sequence[Any], completion_ids: Sequence[int]) -> Encoded:
-    """The prompt (with generation prompt) expanded by the processor, then ``completion_ids`` verbatim."""
-    text = render_prompt(processor, prompt, len(images), add_generation_prompt=True)
-    ids, per_token, vision = _split(_process(processor, text, images))
-    completion = torch.as_tensor(list(completion_ids), dtype=torch.long)
-    n, c = len(ids), len(completion)
-    ids = torch.cat([ids, completion])
-    per_token = {
-        k: torch.cat([v, torch.ones(c, dtype=v.dtype) if k == "attention_mask" else torch.zeros(c, dtype=v.dtype)])
-        for k, v in per_token.items()
-    }
-    targets = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(c, dtype=torch.bool)])
-    return _finish(processor, ids, per_token, vision, targets, n)
+def encode_prompt_completions(
+    processor,
+    prompts: Sequence[Any],
+    images: Sequence[Sequence[Any]],
+    completion_ids: Sequence[Sequence[int]],
+) -> list[Encoded]:
+    """Each prompt (with generation prompt) expanded by the processor, then its completion ids verbatim."""
+    texts = [render_prompt(processor, p, len(i), add_generation_prompt=True) for p, i in zip(prompts, images)]
+    encoded = []
+    for (ids, per_token, vision), completion in zip(process_batch(processor, texts, images), completion_ids):
+        tail = torch.as_tensor(list(completion), dtype=torch.long)
+        n, c = len(ids), len(tail)
+        per_token = {
+            k: torch.cat(
+                [v, torch.ones(c, dtype=v.dtype) if k == "attention_mask" else torch.zeros(c, dtype=v.dtype)]
+            )
+            for k, v in per_token.items()
+        }
+        targets = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(c, dtype=torch.bool)])
+        encoded.append(_finish(processor, torch.cat([ids, tail]), per_token, vision, targets, n))
+    return encoded
 
 
 def _finish(processor, ids, per_token, vision, targets, completion_start: int) -> Encoded:

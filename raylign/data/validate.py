@@ -29,7 +29,9 @@ _SKIP_HINT = " (or set skip_invalid=True to skip such rows)"
 _IMAGE_FIX = {
     "empty_image": "re-encode the image or drop the row",
     "bad_image_value": "store images as the datasets Image feature, bytes or file paths",
-    "missing_image_file": "fix the path (relative paths are read from the data file's folder) or drop the row",
+    "missing_image_file": (
+        "fix the path (relative paths are read from the data file's folder) or drop the row"
+    ),
     "corrupt_image": "re-encode the image or drop the row",
     "decompression_bomb": "downscale the image, or raise max_image_pixels if it is genuine",
     "extreme_aspect_ratio": "crop or pad the image to a less extreme aspect ratio",
@@ -92,22 +94,36 @@ def _row_image_values(row: dict[str, Any]) -> list[Any]:
 
 def _format_problem(kind: str, row: dict[str, Any], n_images: int) -> _Problem | None:
     """Malformed chat columns, or image placeholders that do not match the images."""
-    columns = {"sft": ("messages",), "prompt": ("prompt",), "preference": ("prompt", "chosen", "rejected")}[kind]
+    columns = {"sft": ("messages",), "prompt": ("prompt",), "preference": ("prompt", "chosen", "rejected")}[
+        kind
+    ]
     if kind == "sft" and row.get("messages") is None:
         columns = ("prompt", "completion")
     placeholders = 0
     for col in columns:
         value = row.get(col)
         if not (isinstance(value, str) and value) and not is_conversational(value):
-            return _Problem("bad_format", col, f"expected a non-empty string or a list of chat messages, got "
-                            f"{type(value).__name__}", "fix the row or drop it")
+            return _Problem(
+                "bad_format",
+                col,
+                f"expected a non-empty string or a list of chat messages, got {type(value).__name__}",
+                "fix the row or drop it",
+            )
         if is_conversational(value):
             placeholders += count_image_parts(to_messages(value))
-    if kind == "sft" and "messages" in columns and not any(m.get("role") == "assistant" for m in row["messages"]):
+    if (
+        kind == "sft"
+        and "messages" in columns
+        and not any(m.get("role") == "assistant" for m in row["messages"])
+    ):
         return _Problem("bad_format", "messages", "no assistant turn to train on", "add an assistant message")
     if placeholders and placeholders != n_images:
-        return _Problem("placeholder_mismatch", columns[0], f"{placeholders} image placeholder(s) but {n_images} "
-                        f"image(s)", "give exactly one {'type': 'image'} part per image, in image order")
+        return _Problem(
+            "placeholder_mismatch",
+            columns[0],
+            f"{placeholders} image placeholder(s) but {n_images} image(s)",
+            "give exactly one {'type': 'image'} part per image, in image order",
+        )
     return None
 
 
@@ -135,7 +151,9 @@ def validate_dataset(
         for chunk in _chunks(ds, chunk_size):
             values = [_row_image_values(row) for row in chunk]
             flat = [v for vs in values for v in vs]
-            sizes = iter(pool.map(lambda v: _checked(v, max_image_pixels, max_aspect_ratio, ds.base_dir), flat))
+            sizes = iter(
+                pool.map(lambda v: _checked(v, max_image_pixels, max_aspect_ratio, ds.base_dir), flat)
+            )
             for row, vs in zip(chunk, values):
                 index = report.num_rows
                 report.num_rows += 1
@@ -156,8 +174,10 @@ def validate_dataset(
         name = f"dataset {ds.source}" if ds.source else "dataset"
         raise DataError(f"{name} has no rows; check the path, split and filters")
     if not report.valid:
-        raise DataError(f"every one of the {report.num_rows} rows is invalid ({dict(report.skipped)}); first: "
-                        f"{next(iter(report.examples.values()))}")
+        raise DataError(
+            f"every one of the {report.num_rows} rows is invalid ({dict(report.skipped)}); first: "
+            f"{next(iter(report.examples.values()))}"
+        )
     return report
 
 

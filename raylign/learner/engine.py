@@ -84,11 +84,12 @@ def adam_kwargs(train: TrainConfig) -> dict[str, Any]:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two groups, as transformers' Trainer: no decay on biases and norm weights."""
-    decay, no_decay = [], []
+    decay, no_decay, seen = [], [], set()
     for module in model.modules():
         is_norm = "norm" in type(module).__name__.lower()
         for name, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in seen:  # tied weights appear under two modules
+                seen.add(id(p))
                 (no_decay if is_norm or name == "bias" else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

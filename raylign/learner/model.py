@@ -74,7 +74,6 @@ def build_policy(cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
                 p.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
     if cfg.lora.r > 0:
         model = add_lora(model, cfg.lora)
     return model
@@ -83,7 +82,6 @@ def build_policy(cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
 def build_reference(cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
     """A frozen copy of the initial policy (eval mode, no gradients)."""
     model = load_model(cfg.name_or_path, dtype=_dtype_name(dtype), attn_implementation=cfg.attn_implementation)
-    model.config.use_cache = False
     return model.eval().requires_grad_(False)
 
 

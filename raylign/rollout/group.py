@@ -121,12 +121,26 @@ class RolloutGroup:
         else:
             live.sort(key=lambda w: (w.version == self.version, len(w.inflight)))
             chosen = live[:k]
-        if len(chosen) > len(live) - (1 if self._requests else 0) or k > len(live):
-            raise ValueError(f"cannot remove {len(chosen)} of {len(live)} workers while requests are outstanding")
+        if k > len(live):
+            raise ValueError(f"cannot remove {k} of {len(live)} rollout workers")
+        if self._requests and len(chosen) == len(live):
+            raise ValueError(f"cannot remove every rollout worker while {len(self._requests)} requests are outstanding")
         for w in chosen:
             w.draining = True
             self._retire_if_idle(w)
         return [w.id for w in chosen]
+
+    def replace_worker(self, worker_id: str, reason: str = "reported dead") -> str | None:
+        """Replace a worker found dead elsewhere (e.g. by the weight broadcaster); returns the new id.
+
+        Its unfinished requests are re-queued, as when the group notices a death itself. A draining
+        worker is not replaced (None).
+        """
+        w = next((w for w in self._workers if w.id == worker_id), None)
+        if w is None:
+            raise KeyError(f"unknown rollout worker {worker_id!r}; current: {[w.id for w in self._workers]}")
+        new = self._fail(w, RuntimeError(reason))
+        return None if new is None else new.id
 
     def workers_needing_sync(self) -> list[str]:
         """Ids of workers whose weights are older than the group's version (they get no work)."""
@@ -167,6 +181,20 @@ class RolloutGroup:
                 except RayActorError as err:
                     self._fail(w, err)
         self._dispatch()
+
+    def sleep(self) -> None:
+        """Ask every engine to release accelerator memory (after its queued calls have run)."""
+        self._on_all("sleep")
+
+    def wake(self) -> None:
+        """Reacquire what ``sleep`` released, on every engine."""
+        self._on_all("wake")
+
+    def _on_all(self, method: str) -> None:
+        if self.local is not None:
+            getattr(self.local, method)()
+            return
+        ray.get([getattr(h, method).remote() for _, h in self.workers])
 
     def shutdown(self) -> None:
         """Kill every worker; outstanding requests are dropped."""
@@ -318,7 +346,7 @@ class RolloutGroup:
         del self._requests[ticket]
         self._done[ticket] = rollout
 
-    def _fail(self, w: _Worker, err: Exception) -> None:
+    def _fail(self, w: _Worker, err: Exception) -> _Worker | None:
         """A worker died: keep what it finished, re-queue the rest, start a replacement."""
         logger.warning("rollout worker %s died (%s); replacing it and re-queueing its requests", w.id, err)
         lost: list[int] = []
@@ -347,8 +375,7 @@ class RolloutGroup:
                 f"rollout workers died {self._failures_in_a_row} times in a row without finishing a call "
                 f"(last: {err}); check the engine spec ({self.spec.kind}, {self.spec.model_path}) and resources"
             )
-        if not w.draining:
-            self._start_worker()
+        return None if w.draining else self._start_worker()
 
     def _retire_if_idle(self, w: _Worker) -> None:
         if w.draining and not w.inflight and w in self._workers:

@@ -9,8 +9,15 @@ import torch
 from PIL import Image
 
 from raylign.algos.sft import sft_loss
-from raylign.data.chat import encode_for_generation, render_prompt
-from raylign.data.collate import collate_completions, collate_preference, collate_sft, pack_targets
+from raylign.data.chat import encode_for_generation, render_prompt, to_messages
+from raylign.data.collate import (
+    collate_completions,
+    collate_preference,
+    collate_sft,
+    completion_messages_of,
+    pack_targets,
+    row_images,
+)
 from raylign.data.errors import DataError
 from raylign.models.loading import load_model, load_processor
 
@@ -34,7 +41,14 @@ def _img(w: int, h: int, colour=(200, 30, 30)) -> Image.Image:
 def _rows():
     two_images = {
         "messages": [
-            {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "which is bigger?"}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image"},
+                    {"type": "image"},
+                    {"type": "text", "text": "which is bigger?"},
+                ],
+            },
             {"role": "assistant", "content": "<think>the left one</think><answer>left</answer>"},
         ],
         "images": [_img(48, 40), _img(28, 100, (0, 30, 200))],
@@ -78,13 +92,15 @@ def test_targets_are_exactly_the_assistant_text_and_loss_uses_only_them(family):
     loss, metrics = sft_loss(token_logp, mask)
     # Reference: shift labels as HF does, ignore every non-target position.
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+    )
     assert torch.allclose(loss, ref, atol=1e-5)
     assert metrics["num_tokens"] == batch["completion_mask"].sum()
 
 
 def test_vision_tensors_cover_every_image(family):
-    model, processor = family
+    _, processor = family
     batch = collate_sft(processor, _rows())
     if "image_grid_thw" in batch:  # Qwen: 3 images, patches concatenated; mRoPE needs mm_token_type_ids
         assert batch["image_grid_thw"].shape == (3, 3)
@@ -96,21 +112,37 @@ def test_vision_tensors_cover_every_image(family):
 
 
 def test_right_padded_rows_match_each_row_alone(family):
+    """Each padded row gives the logits of the processor's own one-row input (Qwen: same mRoPE positions)."""
     model, processor = family
     rows = _rows()
     batch = collate_sft(processor, rows)
     assert batch["attention_mask"][:, 0].all() and not batch["attention_mask"][:, -1].all()  # right padding
     logits = _forward(model, batch)
     for b, row in enumerate(rows):
-        alone = collate_sft(processor, [row])
+        images = row_images(row)
+        messages = row.get("messages") or to_messages(row["prompt"]) + completion_messages_of(
+            row["completion"]
+        )
+        text = render_prompt(processor, messages, len(images), add_generation_prompt=False)
+        alone = processor(text=[text], images=[images] if images else None, return_tensors="pt")
         n = alone["input_ids"].shape[1]
+        assert int(batch["attention_mask"][b].sum()) == n
         assert torch.equal(batch["input_ids"][b, :n], alone["input_ids"][0])
-        torch.testing.assert_close(logits[b, :n], _forward(model, alone)[0], atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(logits[b, :n], model(**alone).logits[0], atol=1e-5, rtol=1e-5)
 
 
 def test_generation_prompts_are_left_padded_and_decode_to_the_chat_text(family):
     model, processor = family
-    prompts = ["what colour is the big shape?", [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "compare"}]}]]
+    prompts = [
+        "what colour is the big shape?",
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "compare"}],
+            }
+        ],
+    ]
     images = [[_img(40, 40)], [_img(56, 28), _img(30, 30)]]
     batch = encode_for_generation(processor, prompts, images)
     mask = batch["attention_mask"]
@@ -118,18 +150,25 @@ def test_generation_prompts_are_left_padded_and_decode_to_the_chat_text(family):
     for b, (p, imgs) in enumerate(zip(prompts, images)):
         text = processor.tokenizer.decode(batch["input_ids"][b][mask[b].bool()])
         assert _collapse(text) == _collapse(render_prompt(processor, p, len(imgs)))
-        assert text.count(processor.image_token) == int((batch["input_ids"][b] == processor.image_token_id).sum())
+        assert text.count(processor.image_token) == int(
+            (batch["input_ids"][b] == processor.image_token_id).sum()
+        )
     with torch.no_grad():
-        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, batch["input_ids"].shape[1]:]
+        together = model.generate(**batch, max_new_tokens=4, do_sample=False)[
+            :, batch["input_ids"].shape[1] :
+        ]
         for b, (p, imgs) in enumerate(zip(prompts, images)):
             one = encode_for_generation(processor, [p], [imgs])
-            alone = model.generate(**one, max_new_tokens=4, do_sample=False)[0, one["input_ids"].shape[1]:]
+            alone = model.generate(**one, max_new_tokens=4, do_sample=False)[0, one["input_ids"].shape[1] :]
             assert torch.equal(together[b, : len(alone)], alone)
 
 
 def test_collate_completions_masks_exactly_the_completion_ids(family):
     model, processor = family
-    prompts = ["what digit is shown?", [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]}]]
+    prompts = [
+        "what digit is shown?",
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]}],
+    ]
     images = [[], [_img(44, 52)]]
     tok = processor.tokenizer
     completions = [tok.encode("<think>x</think>") + [tok.eos_token_id], tok.encode("7")]
@@ -148,17 +187,28 @@ def test_collate_completions_masks_exactly_the_completion_ids(family):
 def test_preference_batch_layout(family):
     model, processor = family
     rows = [
-        {"prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]}],
-         "chosen": [{"role": "assistant", "content": "<answer>red</answer>"}],
-         "rejected": [{"role": "assistant", "content": "<answer>blue and green</answer>"}],
-         "images": [_img(40, 40)]},
-        {"prompt": "which side?", "chosen": "left", "rejected": "right", "images": [_img(56, 30), _img(30, 56)]},
+        {
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]}],
+            "chosen": [{"role": "assistant", "content": "<answer>red</answer>"}],
+            "rejected": [{"role": "assistant", "content": "<answer>blue and green</answer>"}],
+            "images": [_img(40, 40)],
+        },
+        {
+            "prompt": "which side?",
+            "chosen": "left",
+            "rejected": "right",
+            "images": [_img(56, 30), _img(30, 56)],
+        },
     ]
     batch = collate_preference(processor, rows)
     tok = processor.tokenizer
     targets = [tok.decode(batch["input_ids"][b][batch["completion_mask"][b].bool()]) for b in range(4)]
-    assert targets == ["<answer>red</answer><|im_end|>", "left<|im_end|>",
-                       "<answer>blue and green</answer><|im_end|>", "right<|im_end|>"]
+    assert targets == [
+        "<answer>red</answer><|im_end|>",
+        "left<|im_end|>",
+        "<answer>blue and green</answer><|im_end|>",
+        "right<|im_end|>",
+    ]
     # The prompt part of row b and row b + B is the same.
     for b in range(2):
         start = int(batch["completion_mask"][b].nonzero()[0])
@@ -181,14 +231,26 @@ def test_pack_targets():
 def test_truncation_policies(family):
     _, processor = family
     long_text = " ".join(["look carefully and reply"] * 30)
-    row = {"messages": [
-        {"role": "user", "content": [{"type": "text", "text": long_text}, {"type": "image"}, {"type": "text", "text": "colour?"}]},
-        {"role": "assistant", "content": "<answer>red</answer>"},
-    ], "images": [_img(56, 56)]}
+    row = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": long_text},
+                    {"type": "image"},
+                    {"type": "text", "text": "colour?"},
+                ],
+            },
+            {"role": "assistant", "content": "<answer>red</answer>"},
+        ],
+        "images": [_img(56, 56)],
+    }
     full = collate_sft(processor, [row])
     n = full["input_ids"].shape[1]
     image_tokens = int((full["input_ids"] == processor.image_token_id).sum())
-    with pytest.raises(DataError, match=rf"^batch row 0: it has {n} tokens, above max_length=40 \({image_tokens} of them"):
+    with pytest.raises(
+        DataError, match=rf"^batch row 0: it has {n} tokens, above max_length=40 \({image_tokens} of them"
+    ):
         collate_sft(processor, [row], max_length=40)
     skipped: list[int] = []
     kept = collate_sft(processor, [row, _rows()[2]], max_length=40, truncation="skip", skipped=skipped)

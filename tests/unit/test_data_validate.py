@@ -32,10 +32,17 @@ def _png_header(w: int, h: int) -> bytes:
     """A tiny PNG that claims ``w x h`` pixels: what a decompression bomb looks like before decoding."""
 
     def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _dataset(images_per_row: list[list[bytes]], prompts: list | None = None) -> VLMDataset:
@@ -59,7 +66,8 @@ def test_good_rows_pass():
 
 def test_empty_image_bytes():
     assert _error(_dataset([[_png()], [b""]])) == (
-        "row 1, column 'images': image 0: the image bytes are empty; re-encode the image or drop the row" + HINT
+        "row 1, column 'images': image 0: the image bytes are empty; re-encode the image or drop the row"
+        + HINT
     )
 
 
@@ -78,7 +86,10 @@ def test_corrupt_image_bytes():
 def test_missing_image_file(tmp_path):
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.png").write_bytes(_png())
-    lines = [{"prompt": "colour?", "images": ["imgs/a.png"]}, {"prompt": "colour?", "images": ["imgs/gone.png"]}]
+    lines = [
+        {"prompt": "colour?", "images": ["imgs/a.png"]},
+        {"prompt": "colour?", "images": ["imgs/gone.png"]},
+    ]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     ds = load_dataset(tmp_path / "data.jsonl", cache_dir=str(tmp_path / "cache"))
     assert ds[0]["images"][0].size == (40, 40)  # relative paths read from the file's folder
@@ -97,22 +108,26 @@ def test_decompression_bomb():
     )
     # Above PIL's own limit: PIL refuses at open, and that is reported the same way.
     message = _error(_dataset([[_png_header(100_000, 100_000)]]), max_image_pixels=10**12)
-    assert message.startswith("row 0, column 'images': image 0: PIL refused it as a decompression bomb (Image size")
+    assert message.startswith(
+        "row 0, column 'images': image 0: PIL refused it as a decompression bomb (Image size"
+    )
 
 
 def test_extreme_aspect_ratio():
     assert _error(_dataset([[_png(300, 1)]])) == (
-        "row 0, column 'images': image 0: the image is 300x1, aspect ratio 300 above 200 (Qwen-VL's processor "
-        "refuses it); crop or pad the image to a less extreme aspect ratio" + HINT
+        "row 0, column 'images': image 0: the image is 300x1, aspect ratio 300 above 200 "
+        "(Qwen-VL's processor refuses it); crop or pad the image to a less extreme aspect ratio" + HINT
     )
 
 
 def test_placeholder_mismatch():
-    two_parts = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}]
+    two_parts = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "?"}]}
+    ]
     ds = VLMDataset.from_list([{"prompt": two_parts, "images": [Image.new("RGB", (30, 30))]}])
     assert _error(ds) == (
-        "row 0, column 'prompt': 2 image placeholder(s) but 1 image(s); give exactly one {'type': 'image'} part "
-        "per image, in image order" + HINT
+        "row 0, column 'prompt': 2 image placeholder(s) but 1 image(s); give exactly one {'type': 'image'} "
+        "part per image, in image order" + HINT
     )
 
 
@@ -124,34 +139,50 @@ def test_missing_column_and_empty_dataset():
         "column 'rejected' is missing: a preference dataset needs 'prompt', 'chosen', 'rejected', found "
         "['chosen', 'prompt', 'wrong']; rename your columns or choose another kind"
     )
-    empty = VLMDataset(datasets.Dataset.from_dict({"prompt": []}, features=datasets.Features({"prompt": datasets.Value("string")})))
+    empty = VLMDataset(
+        datasets.Dataset.from_dict(
+            {"prompt": []}, features=datasets.Features({"prompt": datasets.Value("string")})
+        )
+    )
     assert _error(empty) == "dataset has no rows; check the path, split and filters"
 
 
 @pytest.mark.parametrize("kind", ["prompt", "preference", "sft"])
 def test_too_long_counts_image_tokens_exactly(tiny_model_dir, kind):
     processor = load_processor(tiny_model_dir)
-    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is it?"}]}]
+    prompt = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is it?"}]}
+    ]
     images = [Image.new("RGB", (50, 37), (1, 2, 3))]
     row = {"prompt": prompt, "images": images}
     if kind == "preference":
         row |= {"chosen": "red", "rejected": "blue"}
     if kind == "sft":
-        row = {"messages": prompt + [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}], "images": images}
+        row = {
+            "messages": prompt + [{"role": "assistant", "content": [{"type": "text", "text": "red"}]}],
+            "images": images,
+        }
     ds = VLMDataset.from_list([row])
     # The true lengths, from the processor itself.
-    pair = collate_preference(processor, [{"prompt": prompt, "chosen": "red", "rejected": "blue", "images": images}])
+    pair = collate_preference(
+        processor, [{"prompt": prompt, "chosen": "red", "rejected": "blue", "images": images}]
+    )
     prompt_len = int(pair["completion_mask"][0].nonzero()[0])
-    full_len = int(collate_sft(processor, [{"prompt": prompt, "completion": "red", "images": images}])["attention_mask"].sum())
+    full_len = int(
+        collate_sft(processor, [{"prompt": prompt, "completion": "red", "images": images}])[
+            "attention_mask"
+        ].sum()
+    )
     if kind == "sft":
         assert _error(ds, processor=processor, max_length=full_len - 1) == (
-            f"row 0, column 'messages': the row has {full_len} tokens, above max_length={full_len - 1}; shorten it, "
-            f"lower max_pixels, raise the limit, or set truncation='truncate_left'" + HINT
+            f"row 0, column 'messages': the row has {full_len} tokens, above max_length={full_len - 1}; "
+            f"shorten it, lower max_pixels, raise the limit, or set truncation='truncate_left'" + HINT
         )
     else:
         assert _error(ds, processor=processor, max_prompt_length=prompt_len - 1) == (
-            f"row 0, column 'prompt': the prompt has {prompt_len} tokens, above max_prompt_length={prompt_len - 1}; "
-            f"shorten it, lower max_pixels, raise the limit, or set truncation='truncate_left'" + HINT
+            f"row 0, column 'prompt': the prompt has {prompt_len} tokens, "
+            f"above max_prompt_length={prompt_len - 1}; shorten it, lower max_pixels, raise the limit, "
+            f"or set truncation='truncate_left'" + HINT
         )
     longest = max(full_len, int(pair["attention_mask"].sum(1).max()))
     report = validate_dataset(ds, processor=processor, max_length=longest, max_prompt_length=prompt_len)
@@ -166,11 +197,20 @@ def test_image_token_counts_match_the_processor(tiny_model_dir):
 
         image = fit_image(Image.new("RGB", (w, h)), max_pixels=40 * 40)
         batch = collate_sft(processor, [{"prompt": "x", "completion": "y", "images": [image]}])
-        assert counter.image_tokens(w, h) == int((batch["input_ids"] == processor.image_token_id).sum()), (w, h)
+        assert counter.image_tokens(w, h) == int((batch["input_ids"] == processor.image_token_id).sum()), (
+            w,
+            h,
+        )
 
 
 def test_skip_invalid_counts_every_reason(tmp_path):
-    bad = [[b""], [b"junk"], [_png_header(9000, 9000)], [_png(300, 1)], [{"bytes": None, "path": str(tmp_path / "x.png")}]]
+    bad = [
+        [b""],
+        [b"junk"],
+        [_png_header(9000, 9000)],
+        [_png(300, 1)],
+        [{"bytes": None, "path": str(tmp_path / "x.png")}],
+    ]
     rows = {
         "prompt": ["ok", "a", "b", "c", "d", "e", "ok"],
         "images": [[{"bytes": _png(), "path": None}]]
@@ -181,7 +221,11 @@ def test_skip_invalid_counts_every_reason(tmp_path):
     report = validate_dataset(ds, skip_invalid=True, chunk_size=3)
     assert report.valid == [0, 6] and report.num_rows == 7
     assert dict(report.skipped) == {
-        "empty_image": 1, "corrupt_image": 1, "decompression_bomb": 1, "extreme_aspect_ratio": 1, "missing_image_file": 1,
+        "empty_image": 1,
+        "corrupt_image": 1,
+        "decompression_bomb": 1,
+        "extreme_aspect_ratio": 1,
+        "missing_image_file": 1,
     }
     kept = report.apply(ds)
     assert len(kept) == 2 and kept[1]["prompt"] == "ok"

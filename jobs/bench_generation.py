@@ -1,0 +1,130 @@
+"""Generation throughput: raylign's TransformersEngine vs a plain ``model.generate`` call.
+
+Same model, same prompts and images, same batch (``--batch`` prompts x ``--n`` samples), same
+``--max-tokens``, sampling at temperature 1. The engine also computes per-token logprobs, trims
+after EOS and builds records; the ratio says what that costs. After a full-size warm-up of each,
+the two are timed alternately ``--repeats`` times and the median of each is reported.
+
+    python jobs/bench_generation.py                          # tiny Qwen2.5-VL (hidden 64) on CPU
+    python jobs/bench_generation.py --hidden 256 --family llava --out bench_out/generation.json
+    python jobs/bench_generation.py --model /path/to/hf_dir --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import GenerationConfig
+
+from raylign.data.chat import encode_for_generation
+from raylign.protocol import RolloutRequest, SamplingParams
+from raylign.rollout.hf import TransformersEngine
+
+
+def _requests(batch: int, n: int, max_tokens: int) -> list[RolloutRequest]:
+    sampling = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens)
+    image = Image.new("RGB", (56, 56), (200, 30, 30))
+    return [
+        RolloutRequest(uid=f"b{i}", prompt=f"how many red circles are there? {i}", images=(image,), sampling=sampling)
+        for i in range(batch)
+    ]
+
+
+def _plain_generate(engine: TransformersEngine, requests: list[RolloutRequest], max_tokens: int) -> tuple[int, float]:
+    """Generated-token count (to the first EOS) and seconds of one bare ``generate`` call."""
+    rows = [r for r in requests for _ in range(r.sampling.n)]
+    start = time.perf_counter()
+    inputs = encode_for_generation(engine.processor, [r.prompt for r in rows], [r.images for r in rows])
+    inputs = {k: v.to(engine.device) for k, v in inputs.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(engine.model.dtype)
+    config = GenerationConfig(
+        do_sample=True, max_new_tokens=max_tokens, eos_token_id=list(engine.eos_ids), pad_token_id=engine.pad_id
+    )
+    with torch.no_grad():
+        out = engine.model.generate(**inputs, generation_config=config)
+    seconds = time.perf_counter() - start
+    tokens = 0
+    for row in out[:, inputs["input_ids"].shape[1] :].tolist():
+        tokens += next((i + 1 for i, t in enumerate(row) if t in engine.eos_ids), len(row))
+    return tokens, seconds
+
+
+def _engine_generate(engine: TransformersEngine, requests: list[RolloutRequest]) -> tuple[int, float]:
+    start = time.perf_counter()
+    rollouts = engine.generate(requests)
+    seconds = time.perf_counter() - start
+    return sum(len(c.token_ids) for r in rollouts for c in r.completions), seconds
+
+
+def run_benchmark(
+    model: str | None = None,
+    family: str = "qwen2_5_vl",
+    hidden: int = 64,
+    batch: int = 8,
+    n: int = 1,
+    max_tokens: int = 64,
+    device: str = "cpu",
+    repeats: int = 3,
+) -> dict:
+    """Tokens/s of both paths; builds a tiny model (``family``, ``hidden``) when ``model`` is None."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if model is None:
+            from raylign.models.tiny import make_tiny_model
+
+            model = str(make_tiny_model(family, Path(tmp) / family, hidden=hidden))
+        engine = TransformersEngine(model, device=device, batch_size=batch, seed=0)
+        requests = _requests(batch, n, max_tokens)
+        _plain_generate(engine, requests, max_tokens), _engine_generate(engine, requests)  # warm-up
+        plain, timed = [], []
+        for _ in range(repeats):  # alternate, so load changes on a shared machine hit both alike
+            plain.append(_plain_generate(engine, requests, max_tokens))
+            timed.append(_engine_generate(engine, requests))
+    result = {
+        "model": model if not model.startswith(tmp) else f"tiny-{family}-hidden{hidden}",
+        "device": device,
+        "batch_prompts": batch,
+        "n": n,
+        "max_tokens": max_tokens,
+        "repeats": repeats,
+        "plain_tokens": sum(t for t, _ in plain),
+        "plain_tokens_per_s": statistics.median(t / s for t, s in plain),
+        "engine_tokens": sum(t for t, _ in timed),
+        "engine_tokens_per_s": statistics.median(t / s for t, s in timed),
+    }
+    result["engine_over_plain"] = result["engine_tokens_per_s"] / result["plain_tokens_per_s"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="HF directory; default: build a tiny random VLM")
+    parser.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "llava"])
+    parser.add_argument("--hidden", type=int, default=64, help="text hidden size of the tiny model (e.g. 256)")
+    parser.add_argument("--batch", type=int, default=8, help="prompts per batch")
+    parser.add_argument("--n", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median reported)")
+    parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    result = run_benchmark(args.model, args.family, args.hidden, args.batch, args.n, args.max_tokens, args.device, args.repeats)
+    print(
+        f"plain generate {result['plain_tokens_per_s']:.0f} tok/s, TransformersEngine "
+        f"{result['engine_tokens_per_s']:.0f} tok/s, ratio {result['engine_over_plain']:.2f}"
+    )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

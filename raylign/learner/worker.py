@@ -1,0 +1,106 @@
+"""``LearnerWorker``: what one learner actor runs (``LearnerGroup`` makes it a Ray actor in one place).
+
+A plain class around a ``Learner``: it is created first, so the group can ask rank 0 for an address
+to rendezvous on, then ``setup`` builds the learner inside the joined process group. It also keeps
+the objective between calls, because an objective can hold state (the bco_pair running mean) while
+every call ships a fresh pickled copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from raylign.config import LearnerConfig, ModelConfig, TrainConfig
+from raylign.learner import checkpoint
+from raylign.learner.distributed import free_port, shutdown_process_group
+from raylign.learner.learner import Learner
+from raylign.learner.objectives import Objective
+from raylign.protocol import UpdateResult
+
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+class LearnerWorker:
+    """One data-parallel rank, as driven by ``LearnerGroup``."""
+
+    def __init__(self, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)  # one actor's share of the node's cores
+        self.learner: Learner | None = None
+        self.objective: Objective | None = None
+
+    def address(self) -> str:
+        """``tcp://<this node's IP>:<free port>``: the rendezvous point when this is rank 0."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        return f"tcp://{ip}:{free_port('')}"
+
+    def setup(
+        self,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        learner_cfg: LearnerConfig,
+        num_training_steps: int,
+        rank: int,
+        world_size: int,
+        init_method: str | None,
+        reference: bool,
+        seed: int,
+    ) -> None:
+        """Join the process group and build the learner (all ranks at once: it rendezvous)."""
+        self.learner = Learner(
+            model_cfg,
+            train_cfg,
+            learner_cfg,
+            num_training_steps,
+            rank=rank,
+            world_size=world_size,
+            init_method=init_method,
+            reference=reference,
+            seed=seed,
+        )
+
+    def _learner(self) -> Learner:
+        if self.learner is None:
+            raise RuntimeError("LearnerWorker.setup() has not run")
+        return self.learner
+
+    def _objective(self, objective: Objective) -> Objective:
+        """The kept objective when ``objective`` has the same config, else ``objective`` (now kept)."""
+        if self.objective is None or type(self.objective) is not type(objective) or self.objective != objective:
+            self.objective = objective
+        return self.objective
+
+    def update(self, items: Sequence[Any], objective: Objective) -> UpdateResult:
+        return self._learner().update(items, self._objective(objective))
+
+    def item_logprobs(
+        self, items: Sequence[Any], objective: Objective, temperature: float, reference: bool
+    ) -> list[torch.Tensor]:
+        return self._learner().item_logprobs(items, self._objective(objective), temperature, reference)
+
+    def weight_buckets(self, bucket_mb: float, trainable_only: bool) -> list[Bucket]:
+        """Every bucket on rank 0 (on CPU), nothing elsewhere; all ranks must call it under ZeRO-3."""
+        learner = self._learner()
+        buckets = [[(n, t.cpu()) for n, t in b] for b in learner.iter_weight_buckets(bucket_mb, trainable_only)]
+        return buckets if learner.rank == 0 else []
+
+    def save(self, directory: str, data_state: dict[str, Any] | None) -> str:
+        return str(checkpoint.save(self._learner(), Path(directory), data_state))
+
+    def restore(self, directory: str) -> dict[str, Any]:
+        return checkpoint.restore(self._learner(), Path(directory))
+
+    def step(self) -> int:
+        return self._learner().step
+
+    def shutdown(self) -> None:
+        """Free the learner and leave the process group (barrier first)."""
+        if self.learner is not None:
+            self.learner.close()
+            self.learner = None
+        shutdown_process_group()

@@ -1,0 +1,223 @@
+"""`raylign grpo|gspo`: the online loop.
+
+    prompts -> RolloutGroup (num_generations per prompt) -> RewardGroup -> group advantages
+            -> LearnerGroup.update -> WeightBroadcaster -> RolloutGroup ...
+
+Rollouts for the next ``max_staleness`` steps are generated while the learner trains (the update
+runs in a helper thread while this thread keeps the rollout workers fed). A rollout worker or
+reward worker that dies is replaced by its group and its prompts re-queued; a learner that dies
+ends the run with the command that resumes it from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import ray
+from tqdm.auto import tqdm
+
+from raylign.config import RaylignConfig, save_config
+from raylign.driver import common
+from raylign.driver.batching import batch_metrics, sample_rows, train_samples
+from raylign.driver.evaluate import evaluate
+from raylign.driver.metrics import MetricsLogger
+from raylign.driver.pipeline import RolloutPipeline, StepBatch
+from raylign.driver.sampler import PromptSampler
+from raylign.learner.group import LearnerGroup
+from raylign.learner.objectives import make_objective
+from raylign.models.loading import load_processor
+from raylign.protocol import TrainBatch, UpdateResult
+from raylign.rewards.group import RewardGroup
+from raylign.rollout.engine import EngineSpec
+from raylign.rollout.group import RolloutGroup
+from raylign.rollout.worker import WorkerResources
+from raylign.sync.broadcaster import WeightBroadcaster
+
+logger = logging.getLogger(__name__)
+
+
+class LearnerFailed(RuntimeError):
+    """A learner died: the run stops and says how to resume."""
+
+
+def build_rollouts(cfg: RaylignConfig) -> RolloutGroup:
+    r = cfg.rollout
+    kwargs = {"batch_size": r.batch_size, **r.engine_kwargs}
+    if r.engine == "vllm":
+        kwargs.update(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
+                      max_model_len=r.max_model_len, enable_sleep_mode=r.enable_sleep_mode)
+    gpus = r.num_gpus_per_worker
+    if gpus is None:
+        gpus = float(r.tensor_parallel_size) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    device = "cuda" if gpus > 0 else "cpu"
+    if r.engine == "transformers":
+        kwargs.setdefault("device", device)
+    spec = EngineSpec(kind=r.engine, model_path=cfg.model.name_or_path, kwargs=kwargs)
+    resources = WorkerResources(num_cpus=r.num_cpus_per_worker, num_gpus=gpus, resources=dict(r.resources))
+    return RolloutGroup(r.num_workers, spec, resources=resources)
+
+
+def build_rewards(cfg: RaylignConfig) -> RewardGroup:
+    rw = cfg.reward
+    return RewardGroup(rw.funcs, rw.reward_weights, num_workers=rw.num_workers, timeout_s=rw.timeout_s,
+                       num_processes=rw.processes_per_worker)
+
+
+class OnlineRun:
+    """The parts of one GRPO/GSPO run and its loop; ``run(cfg)`` is the entry point."""
+
+    def __init__(self, cfg: RaylignConfig):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.resume_from = common.resolve_resume(cfg)
+        save_config(cfg, self.run_dir)
+        g = cfg.grpo
+        processor = load_processor(cfg.model.name_or_path)
+        self.train_ds, self.eval_ds = common.load_job_data(cfg, processor, "prompt")
+        self.total_steps = common.num_steps(cfg, len(self.train_ds), g.prompts_per_step)
+        self.objective = make_objective(cfg)
+        common.init_ray(cfg)
+        self.learners = LearnerGroup(cfg.model, cfg.train, cfg.learner, self.total_steps * g.num_iterations,
+                                     reference=self.objective.needs_reference, seed=cfg.seed)
+        self.rollouts = build_rollouts(cfg)
+        self.rewards = build_rewards(cfg)
+        self.broadcaster = WeightBroadcaster(self.learners, self.rollouts, cfg.sync,
+                                             trainable_only=cfg.model.freeze_vision_tower)
+        self.sampler = PromptSampler(len(self.train_ds), seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.start_step = 0
+        self.last_checkpoint: Path | None = None
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+        self.pipeline = RolloutPipeline(self.rollouts, self.rewards, self.train_ds, self.sampler, g,
+                                        self.total_steps, seed=cfg.seed, num_iterations=g.num_iterations)
+        self.log = MetricsLogger(self.run_dir, cfg.logging.report_to, config=None, project=cfg.logging.project,
+                                 run_name=cfg.run_name, resume=self.resume_from is not None)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _restore(self, path: Path) -> None:
+        state = self.learners.restore(path)
+        self.sampler.load_state_dict(state["sampler"])
+        self.start_step = int(state["step"])
+        self.last_checkpoint = path
+        self.broadcaster.broadcast(self.learners.step)  # engines start from the initial weights
+        logger.info("resumed from %s at step %d", path, self.start_step)
+
+    def _save(self, step: int) -> Path:
+        path = common.checkpoint_dir(self.run_dir, step)
+        self.learners.save(path, {"sampler": self.sampler.state_dict(), "step": step})
+        common.mark_complete(path)
+        self.last_checkpoint = path
+        limit = self.cfg.train.save_total_limit
+        if limit:
+            done = sorted((p for p in path.parent.glob("step_*") if (p / "COMPLETE").exists()),
+                          key=lambda p: int(p.name.split("_")[1]))
+            for old in done[:-limit]:
+                shutil.rmtree(old)
+        return path
+
+    # ------------------------------------------------------------------ one step
+
+    def _update(self, batch: TrainBatch) -> list[UpdateResult]:
+        try:
+            return [self.learners.update(batch, self.objective) for _ in range(self.cfg.grpo.num_iterations)]
+        except ray.exceptions.RayActorError as err:
+            raise LearnerFailed(
+                f"a learner died during the update ({type(err).__name__}); last checkpoint: "
+                f"{self.last_checkpoint or 'none'}. Resume with: "
+                f"{common.resume_command(self.cfg, self.last_checkpoint)}"
+            ) from err
+
+    def _train_overlapped(self, batch: TrainBatch) -> list[UpdateResult]:
+        """Run the update in a helper thread while this thread keeps the rollout workers fed."""
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(self._update, batch)
+            while not future.done():
+                self.rollouts.poll()
+                time.sleep(0.02)
+            return future.result()
+
+    def step(self, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        version = self.learners.step
+        got: StepBatch = self.pipeline.next_batch(step)
+        samples = train_samples(got.groups, self.cfg.grpo)
+        t1 = time.perf_counter()
+        results = self._train_overlapped(TrainBatch(tuple(samples), version))
+        t2 = time.perf_counter()
+        for grp in got.groups:
+            self.sampler.done(grp.rollout.request.uid)
+        sync = self.broadcaster.broadcast(self.learners.step)
+        self.pipeline.fill(step + 1)  # the new weights open the next step's staleness window
+        t3 = time.perf_counter()
+        tokens = sum(len(s.completion_ids) for s in samples)
+        workers = max(1, self.rollouts.num_workers)
+        metrics = {
+            **batch_metrics(got.groups, version, self.cfg.grpo.num_iterations),
+            **results[-1].metrics,
+            **sync,
+            "time/wait": got.wait_s,
+            "time/generate": got.generate_s / workers,
+            "time/reward": got.reward_s,
+            "time/train": t2 - t1,
+            "time/sync": t3 - t2,
+            "time/step": t3 - t0,
+            "throughput/generate_tokens_per_s": tokens * workers / got.generate_s if got.generate_s else 0.0,
+            "throughput/train_tokens_per_s": tokens * len(results) / (t2 - t1),
+            "prompts/trained": float(self.sampler.trained),
+            "prompts/filtered": float(self.sampler.filtered),
+            **{f"rollout/{k}": float(v) for k, v in self.rollouts.stats().items()},
+            "reward_workers/restarts": float(self.rewards.restarts),
+        }
+        if self.cfg.grpo.log_completions_steps and (step + 1) % self.cfg.grpo.log_completions_steps == 0:
+            self.log.log_samples(step + 1, sample_rows(got.groups, self.cfg.grpo.num_completions_to_print))
+        return metrics
+
+    # ------------------------------------------------------------------ the loop
+
+    def _evaluate(self, step: int) -> dict[str, float]:
+        if self.eval_ds is None:
+            return {}
+        metrics, _ = evaluate(self.rollouts, self.rewards, self.eval_ds, self.cfg.grpo)
+        self.log.log(step, metrics)
+        return metrics
+
+    def train(self) -> Path:
+        t = self.cfg.train
+        bar = tqdm(range(self.start_step, self.total_steps), initial=self.start_step, total=self.total_steps,
+                   desc=f"{self.cfg.method}", disable=not self.cfg.logging.progress_bar, dynamic_ncols=True)
+        evals = {}
+        if t.eval_steps and self.start_step == 0:
+            evals = self._evaluate(0)
+        for step in bar:
+            metrics = self.step(step)
+            done = step + 1
+            if t.eval_steps and (done % t.eval_steps == 0 or done == self.total_steps):
+                evals = self._evaluate(done) or evals
+            self.log.log(done, metrics)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in (
+                ("reward", metrics["reward/mean"]), ("acc", evals.get("eval/accuracy", metrics.get("accuracy"))),
+                ("stale", metrics["staleness/max"]), ("s/step", metrics["time/step"])) if v is not None})
+            if (t.save_steps and done % t.save_steps == 0) or done == self.total_steps:
+                self._save(done)
+        return self.run_dir
+
+    def close(self) -> None:
+        self.log.close()
+        for part in (self.broadcaster, self.rewards):
+            part.close()
+        self.rollouts.shutdown()
+        self.learners.shutdown()
+
+
+def run(cfg: RaylignConfig) -> Path:
+    """Run GRPO/GSPO as ``cfg`` says; returns the run directory."""
+    job = OnlineRun(cfg)
+    try:
+        return job.train()
+    finally:
+        job.close()

@@ -8,6 +8,9 @@ the two are timed alternately ``--repeats`` times and the median of each is repo
     python jobs/bench_generation.py                          # tiny Qwen2.5-VL (hidden 64) on CPU
     python jobs/bench_generation.py --hidden 256 --family llava --out bench_out/generation.json
     python jobs/bench_generation.py --model /path/to/hf_dir --device cuda
+
+On a shared CPU machine pass ``--threads 1``: with several threads, neighbours' load makes the
+OpenMP threads wait on each other and single runs vary by 10x.
 """
 
 from __future__ import annotations
@@ -32,36 +35,43 @@ def _requests(batch: int, n: int, max_tokens: int) -> list[RolloutRequest]:
     sampling = SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens)
     image = Image.new("RGB", (56, 56), (200, 30, 30))
     return [
-        RolloutRequest(uid=f"b{i}", prompt=f"how many red circles are there? {i}", images=(image,), sampling=sampling)
+        RolloutRequest(
+            uid=f"b{i}", prompt=f"how many red circles are there? {i}", images=(image,), sampling=sampling
+        )
         for i in range(batch)
     ]
 
 
-def _plain_generate(engine: TransformersEngine, requests: list[RolloutRequest], max_tokens: int) -> tuple[int, float]:
-    """Generated-token count (to the first EOS) and seconds of one bare ``generate`` call."""
+def _plain_generate(
+    engine: TransformersEngine, requests: list[RolloutRequest], max_tokens: int
+) -> tuple[int, float, float]:
+    """Generated tokens (to the first EOS), wall and CPU seconds of one bare ``generate`` call."""
     rows = [r for r in requests for _ in range(r.sampling.n)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     inputs = encode_for_generation(engine.processor, [r.prompt for r in rows], [r.images for r in rows])
     inputs = {k: v.to(engine.device) for k, v in inputs.items()}
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(engine.model.dtype)
     config = GenerationConfig(
-        do_sample=True, max_new_tokens=max_tokens, eos_token_id=list(engine.eos_ids), pad_token_id=engine.pad_id
+        do_sample=True,
+        max_new_tokens=max_tokens,
+        eos_token_id=list(engine.eos_ids),
+        pad_token_id=engine.pad_id,
     )
     with torch.no_grad():
         out = engine.model.generate(**inputs, generation_config=config)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = 0
     for row in out[:, inputs["input_ids"].shape[1] :].tolist():
         tokens += next((i + 1 for i, t in enumerate(row) if t in engine.eos_ids), len(row))
-    return tokens, seconds
+    return tokens, seconds, cpu
 
 
-def _engine_generate(engine: TransformersEngine, requests: list[RolloutRequest]) -> tuple[int, float]:
-    start = time.perf_counter()
+def _engine_generate(engine: TransformersEngine, requests: list[RolloutRequest]) -> tuple[int, float, float]:
+    start, cpu = time.perf_counter(), time.process_time()
     rollouts = engine.generate(requests)
-    seconds = time.perf_counter() - start
-    return sum(len(c.token_ids) for r in rollouts for c in r.completions), seconds
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return sum(len(c.token_ids) for r in rollouts for c in r.completions), seconds, cpu
 
 
 def run_benchmark(
@@ -94,12 +104,16 @@ def run_benchmark(
         "n": n,
         "max_tokens": max_tokens,
         "repeats": repeats,
-        "plain_tokens": sum(t for t, _ in plain),
-        "plain_tokens_per_s": statistics.median(t / s for t, s in plain),
-        "engine_tokens": sum(t for t, _ in timed),
-        "engine_tokens_per_s": statistics.median(t / s for t, s in timed),
+        "plain_tokens": sum(t for t, _, _ in plain),
+        "plain_tokens_per_s": statistics.median(t / s for t, s, _ in plain),
+        "plain_tokens_per_cpu_s": statistics.median(t / c for t, _, c in plain),
+        "engine_tokens": sum(t for t, _, _ in timed),
+        "engine_tokens_per_s": statistics.median(t / s for t, s, _ in timed),
+        "engine_tokens_per_cpu_s": statistics.median(t / c for t, _, c in timed),
     }
+    # Per CPU-second too: on a shared machine wall time mostly measures the neighbours.
     result["engine_over_plain"] = result["engine_tokens_per_s"] / result["plain_tokens_per_s"]
+    result["engine_over_plain_cpu"] = result["engine_tokens_per_cpu_s"] / result["plain_tokens_per_cpu_s"]
     return result
 
 
@@ -107,19 +121,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="HF directory; default: build a tiny random VLM")
     parser.add_argument("--family", default="qwen2_5_vl", choices=["qwen2_5_vl", "llava"])
-    parser.add_argument("--hidden", type=int, default=64, help="text hidden size of the tiny model (e.g. 256)")
+    parser.add_argument(
+        "--hidden", type=int, default=64, help="text hidden size of the tiny model (e.g. 256)"
+    )
     parser.add_argument("--batch", type=int, default=8, help="prompts per batch")
     parser.add_argument("--n", type=int, default=1, help="samples per prompt")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median reported)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
-    result = run_benchmark(args.model, args.family, args.hidden, args.batch, args.n, args.max_tokens, args.device, args.repeats)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_benchmark(
+        args.model, args.family, args.hidden, args.batch, args.n, args.max_tokens, args.device, args.repeats
+    )
     print(
         f"plain generate {result['plain_tokens_per_s']:.0f} tok/s, TransformersEngine "
-        f"{result['engine_tokens_per_s']:.0f} tok/s, ratio {result['engine_over_plain']:.2f}"
+        f"{result['engine_tokens_per_s']:.0f} tok/s, ratio {result['engine_over_plain']:.2f} "
+        f"(per CPU-second: {result['plain_tokens_per_cpu_s']:.0f} vs {result['engine_tokens_per_cpu_s']:.0f}, "
+        f"ratio {result['engine_over_plain_cpu']:.2f})"
     )
+    result["threads"] = torch.get_num_threads()
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -19,9 +19,11 @@ function of the step.
 from __future__ import annotations
 
 import json
+import math
 import random
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +52,9 @@ def _persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for module_name, module in model.named_modules():
         for name, buf in module.named_buffers(recurse=False):
             if name not in module._non_persistent_buffers_set:
-                out[export_name(f"{module_name}.{name}" if module_name else name)] = buf.detach().cpu().clone()
+                out[export_name(f"{module_name}.{name}" if module_name else name)] = (
+                    buf.detach().cpu().clone()
+                )
     return out
 
 
@@ -106,10 +110,22 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: Mapping[str, torch.Tensor]) -> None:
     gauss = float(state["python_gauss"])
-    random.setstate((int(state["python_version"]), tuple(int(x) for x in state["python_mt"]), None if gauss != gauss else gauss))
+    random.setstate(
+        (
+            int(state["python_version"]),
+            tuple(int(x) for x in state["python_mt"]),
+            None if math.isnan(gauss) else gauss,
+        )
+    )
     keys = state["numpy_keys"].numpy().astype(np.uint32)
     np.random.set_state(
-        ("MT19937", keys, int(state["numpy_pos"]), int(state["numpy_has_gauss"]), float(state["numpy_cached"]))
+        (
+            "MT19937",
+            keys,
+            int(state["numpy_pos"]),
+            int(state["numpy_has_gauss"]),
+            float(state["numpy_cached"]),
+        )
     )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -130,7 +146,11 @@ def save(learner, directory: str | Path, data_state: Mapping[str, Any] | None = 
     learner.engine.save_checkpoint(str(resume / "ds_state"), tag=DS_TAG, save_latest=False)
     torch.save(_rng_state(), resume / f"rng_rank{learner.rank}.pt")
     if _is_main(learner):
-        objective = learner.objective.state_dict() if learner.objective is not None else learner.pending_objective_state
+        objective = (
+            learner.objective.state_dict()
+            if learner.objective is not None
+            else learner.pending_objective_state
+        )
         state = {
             "step": learner.step,
             "skipped_steps": learner.skipped_steps,

@@ -9,7 +9,8 @@ counts of the whole global batch.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,17 +28,20 @@ class PolicyModule(nn.Module):
     Parameter names are the wrapped model's prefixed with ``policy.``.
     """
 
-    def __init__(self, policy: nn.Module, device: torch.device, chunk_size: int):
+    def __init__(self, policy: nn.Module, device: torch.device, chunk_size: int, dtype: torch.dtype):
         super().__init__()
         self.policy = policy
         self.device = device
         self.chunk_size = chunk_size
+        self.dtype = dtype
 
     def forward(
         self, batch: Mapping[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(logprobs [B, T], mask [B, T], entropy [B, T] or None)`` of the batch's target tokens."""
         backbone, head = backbone_and_head(self.policy)
+        # Pixel values arrive in float32; the vision tower computes in the weights' dtype.
+        batch = {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in batch.items()}
         out = target_logprobs(backbone, head, batch, self.device, temperature, self.chunk_size, with_entropy)
         return out.logprobs, out.mask, out.entropy
 
@@ -58,7 +62,7 @@ class GuardedAdamW(torch.optim.AdamW):
         self._global_grad_norm: torch.Tensor | None = None
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - see the class docstring
+    def step(self, closure=None):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         self._global_grad_norm = norm
@@ -136,7 +140,9 @@ def deepspeed_config(
     return config
 
 
-def reference_config(train: TrainConfig, learner: LearnerConfig, precision: str, device_type: str) -> dict[str, Any]:
+def reference_config(
+    train: TrainConfig, learner: LearnerConfig, precision: str, device_type: str
+) -> dict[str, Any]:
     """DeepSpeed config of a ZeRO-3 inference engine holding the frozen reference, sharded like the policy."""
     zero: dict[str, Any] = {"stage": 3}
     if learner.offload_param and device_type == "cuda":

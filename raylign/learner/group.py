@@ -8,8 +8,9 @@ and returns rank 0's answer, which all ranks agree on since metrics are reduced 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -44,10 +45,14 @@ def padded_shards(items: Sequence[T], world_size: int) -> tuple[list[list[T]], i
 
 
 def _bundle(cfg: LearnerConfig, num_gpus: float) -> dict[str, float]:
-    bundle = {"CPU": cfg.num_cpus_per_learner, **cfg.resources}
-    if num_gpus:
-        bundle["GPU"] = num_gpus
-    return {k: v for k, v in bundle.items() if v}
+    """One learner's placement-group bundle (zero amounts left out, as Ray wants)."""
+    bundle = {"CPU": cfg.num_cpus_per_learner, "GPU": num_gpus, **cfg.resources}
+    bundle = {k: float(v) for k, v in bundle.items() if v}
+    if not bundle:
+        raise ValueError(
+            "a learner must ask for some resource; set learner.num_cpus_per_learner or num_gpus_per_learner > 0"
+        )
+    return bundle
 
 
 class LearnerGroup:
@@ -100,7 +105,10 @@ class LearnerGroup:
         for i in range(cfg.num_learners):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)
             actor = RemoteLearnerWorker.options(
-                num_cpus=cfg.num_cpus_per_learner, num_gpus=gpus, resources=dict(cfg.resources), scheduling_strategy=strategy
+                num_cpus=cfg.num_cpus_per_learner,
+                num_gpus=gpus,
+                resources=dict(cfg.resources),
+                scheduling_strategy=strategy,
             ).remote(threads)
             self.actors.append(actor)
 
@@ -118,12 +126,18 @@ class LearnerGroup:
         """The in-process ``Learner`` when ``num_learners == 0``, else None."""
         return self._local.learner if self._local is not None else None
 
-    def _all(self, method: str, per_rank_args: Sequence[tuple] | None = None, *args: Any) -> list[Any]:
-        """Call ``method`` on every rank at once (rank ``r`` gets ``per_rank_args[r]`` first) and wait."""
+    def _all(
+        self, method: Callable[[Any], Any], per_rank_args: Sequence[tuple] | None = None, *args: Any
+    ) -> list[Any]:
+        """Call ``method(worker)`` on every rank at once (rank ``r`` gets ``per_rank_args[r]`` first) and wait.
+
+        ``method`` picks the bound method, e.g. ``lambda w: w.update``: on an actor handle that is
+        its remote method, in-process the ``LearnerWorker``'s own.
+        """
         if self._local is not None:
-            return [getattr(self._local, method)(*(per_rank_args[0] if per_rank_args else ()), *args)]
+            return [method(self._local)(*(per_rank_args[0] if per_rank_args else ()), *args)]
         refs = [
-            getattr(actor, method).remote(*(per_rank_args[r] if per_rank_args else ()), *args)
+            method(actor).remote(*(per_rank_args[r] if per_rank_args else ()), *args)
             for r, actor in enumerate(self.actors)
         ]
         return ray.get(refs)
@@ -131,17 +145,22 @@ class LearnerGroup:
     def update(self, batch: Sequence[Any] | TrainBatch, objective: Objective) -> UpdateResult:
         """One optimizer step over the global ``batch`` (rows, ``TrainSample`` list or ``TrainBatch``)."""
         items = list(batch.samples) if isinstance(batch, TrainBatch) else list(batch)
-        results = self._all("update", [(s,) for s in shard(items, self.world_size)], objective)
+        results = self._all(lambda w: w.update, [(s,) for s in shard(items, self.world_size)], objective)
         return results[0]
 
-    def item_logprobs(
+    def logprobs(
         self, items: Sequence[Any], objective: Objective, temperature: float = 1.0, reference: bool = False
     ) -> list:
-        """Target logprobs per collated row (see ``Learner.item_logprobs``), computed on all ranks."""
+        """Target logprobs (1-D CPU tensors), ``objective.rows_per_item`` per item, item-major, on all ranks.
+
+        See ``Learner.item_logprobs``; items are spread over the ranks (ZeRO-3 needs every rank).
+        """
         if not items:
             return []
         shards, pad = padded_shards(items, self.world_size)
-        parts = self._all("item_logprobs", [(s,) for s in shards], objective, temperature, reference)
+        parts = self._all(
+            lambda w: w.item_logprobs, [(s,) for s in shards], objective, temperature, reference
+        )
         flat = [row for part in parts for row in part]
         return flat[: len(flat) - pad * objective.rows_per_item]
 
@@ -149,27 +168,27 @@ class LearnerGroup:
         """``[len(items), rows_per_item]`` summed logprobs (e.g. to precompute DPO reference logprobs)."""
         import torch
 
-        rows = self.item_logprobs(items, objective, reference=reference)
+        rows = self.logprobs(items, objective, reference=reference)
         if not rows:
             return torch.zeros(0, objective.rows_per_item)
         return torch.stack([r.sum() for r in rows]).view(-1, objective.rows_per_item)
 
     def weight_buckets(self, bucket_mb: float = 64.0, trainable_only: bool = False) -> list[Bucket]:
         """All weights as HF-named CPU tensors in buckets, gathered on rank 0 (every rank takes part)."""
-        return self._all("weight_buckets", None, bucket_mb, trainable_only)[0]
+        return self._all(lambda w: w.weight_buckets, None, bucket_mb, trainable_only)[0]
 
     def save(self, directory: str | Path, data_state: dict[str, Any] | None = None) -> Path:
         """Checkpoint (HF model + exact-resume state) to ``directory``, reachable by every learner."""
-        self._all("save", None, str(directory), data_state)
+        self._all(lambda w: w.save, None, str(directory), data_state)
         return Path(directory)
 
     def restore(self, directory: str | Path) -> dict[str, Any]:
         """Load a checkpoint written by ``save`` into every learner; returns the saved data position."""
-        return self._all("restore", None, str(directory))[0]
+        return self._all(lambda w: w.restore, None, str(directory))[0]
 
     @property
     def step(self) -> int:
-        return self._all("step")[0]
+        return self._all(lambda w: w.step)[0]
 
     def shutdown(self) -> None:
         """Leave the process group on every rank (barrier first), then stop the actors."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -29,7 +30,11 @@ from raylign.protocol import UpdateResult
 
 def default_device() -> torch.device:
     """The accelerator this process sees (Ray gives each GPU actor its own device 0), else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -71,37 +76,24 @@ class Learner:
         seed: int = 0,
         device: torch.device | None = None,
     ):
-        import deepspeed
-
         self.model_cfg, self.train_cfg, self.learner_cfg = model_cfg, train_cfg, learner_cfg
         self.num_training_steps = num_training_steps
         self.rank, self.world_size = rank, world_size
         self.device = device or default_device()
         self.precision = resolve_precision(learner_cfg.precision, self.device)
-        ensure_process_group(rank, world_size, resolve_backend(learner_cfg.backend, self.device), init_method)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         if model_cfg.dtype not in ("auto", {"bf16": "bfloat16", "fp32": "float32"}[self.precision]):
             raise ValueError(
-                f"model.dtype={model_cfg.dtype} does not match learner precision {self.precision}; set model.dtype=auto"
+                f"model.dtype={model_cfg.dtype} does not match learner precision {self.precision}; "
+                "set model.dtype=auto"
             )
+        ensure_process_group(rank, world_size, resolve_backend(learner_cfg.backend, self.device), init_method)
         self.processor = load_processor(model_cfg.name_or_path)
-        torch.manual_seed(seed)
-        policy = build_policy(model_cfg, self.dtype)
         self.is_lora = model_cfg.lora.r > 0
-        module = ds.PolicyModule(policy, self.device, learner_cfg.logprob_chunk_size)
-        config = ds.deepspeed_config(train_cfg, learner_cfg, self.precision, self.device.type, world_size)
-        groups = ds.param_groups(module, train_cfg.weight_decay)
-        if not groups:
-            raise ValueError("the policy has no trainable parameter (frozen vision tower and no language model?)")
-        optimizer = None
-        if ds.uses_guarded_optimizer(learner_cfg, self.precision):
-            optimizer = ds.GuardedAdamW(groups, train_cfg.max_grad_norm, **ds.adam_kwargs(train_cfg))
-        self.engine, *_ = deepspeed.initialize(
-            model=module, model_parameters=None if optimizer else groups, optimizer=optimizer, config=config
-        )
-        ds.make_loads_weights_only(self.engine)
-        self.reference = self._build_reference() if reference and not self.is_lora else None
+        torch.manual_seed(seed)
+        self.engine = self._build_engine()
         self.has_reference = reference
+        self.reference = self._build_reference() if reference and not self.is_lora else None
         self.step = 0  # update() calls so far, skipped ones included (the schedule position)
         self.skipped_steps = 0
         self.objective: Objective | None = None
@@ -109,11 +101,37 @@ class Learner:
 
     # ------------------------------------------------------------------ model access
 
+    def _build_engine(self) -> Any:
+        """The policy in a DeepSpeed engine whose checkpoint reader only loads weights."""
+        import deepspeed
+
+        policy = build_policy(self.model_cfg, self.dtype)
+        module = ds.PolicyModule(policy, self.device, self.learner_cfg.logprob_chunk_size, self.dtype)
+        config = ds.deepspeed_config(
+            self.train_cfg, self.learner_cfg, self.precision, self.device.type, self.world_size
+        )
+        groups = ds.param_groups(module, self.train_cfg.weight_decay)
+        if not groups:
+            raise ValueError(
+                "the policy has no trainable parameter; check model.freeze_vision_tower and model.lora"
+            )
+        optimizer = None
+        if ds.uses_guarded_optimizer(self.learner_cfg, self.precision):
+            optimizer = ds.GuardedAdamW(
+                groups, self.train_cfg.max_grad_norm, **ds.adam_kwargs(self.train_cfg)
+            )
+        engine, *_ = deepspeed.initialize(
+            model=module, model_parameters=None if optimizer else groups, optimizer=optimizer, config=config
+        )
+        ds.make_loads_weights_only(engine)
+        return engine
+
     def _build_reference(self) -> Any:
         """Frozen reference: a ZeRO-3 inference engine when the policy is sharded, else a plain module."""
         import deepspeed
 
-        module = ds.PolicyModule(build_reference(self.model_cfg, self.dtype), self.device, self.learner_cfg.logprob_chunk_size)
+        reference = build_reference(self.model_cfg, self.dtype)
+        module = ds.PolicyModule(reference, self.device, self.learner_cfg.logprob_chunk_size, self.dtype)
         if self.learner_cfg.zero_stage == 3:
             config = ds.reference_config(self.train_cfg, self.learner_cfg, self.precision, self.device.type)
             engine, *_ = deepspeed.initialize(model=module, config=config)
@@ -126,7 +144,9 @@ class Learner:
         """The HF (or PEFT) model being trained, as DeepSpeed holds it (partitioned under ZeRO-3)."""
         return self.engine.module.policy
 
-    def _forward(self, batch: Mapping[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False) -> TokenLogprobs:
+    def _forward(
+        self, batch: Mapping[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False
+    ) -> TokenLogprobs:
         """Policy logprobs through the engine (gradients flow when enabled)."""
         return TokenLogprobs(*self.engine(batch, temperature=temperature, with_entropy=with_entropy))
 
@@ -175,11 +195,14 @@ class Learner:
 
         For preference pairs that is ``[chosen_0, rejected_0, chosen_1, ...]``. A collective under ZeRO-3.
         """
+        mbs, error = self._collate_all(items, objective)
+        if error is None and any(mb.skipped for mb in mbs):
+            error = ValueError(
+                "rows were dropped by truncation='skip'; filter them out before computing logprobs"
+            )
+        self._agree(mbs, error)
         out: list[torch.Tensor] = []
-        for piece in chunks(items, self.train_cfg.per_device_train_batch_size):
-            mb = objective.collate(self.processor, piece)
-            if mb.skipped:
-                raise ValueError(f"{mb.skipped} rows were dropped by truncation; filter them out first")
+        for mb in mbs:
             lp, mask = self.logprobs(mb.inputs, temperature, reference)
             rows = [lp[r][mask[r]] for r in range(lp.shape[0])]
             per = objective.rows_per_item
@@ -187,7 +210,9 @@ class Learner:
             out.extend(rows[side * n + i] for i in range(n) for side in range(per))
         return out
 
-    def sequence_logps(self, items: Sequence[Any], objective: Objective, reference: bool = False) -> torch.Tensor:
+    def sequence_logps(
+        self, items: Sequence[Any], objective: Objective, reference: bool = False
+    ) -> torch.Tensor:
         """``[len(items), objective.rows_per_item]`` summed target logprobs per item (e.g. chosen, rejected).
 
         Used to precompute DPO reference logprobs: before the first update the policy *is* the
@@ -213,23 +238,47 @@ class Learner:
         """The learning rate of update number ``step`` (default: the next one)."""
         t = self.train_cfg
         step = self.step if step is None else step
-        return lr_at(step, t.learning_rate, self.num_training_steps, t.lr_scheduler_type, t.warmup_steps, t.warmup_ratio)
+        return lr_at(
+            step,
+            t.learning_rate,
+            self.num_training_steps,
+            t.lr_scheduler_type,
+            t.warmup_steps,
+            t.warmup_ratio,
+        )
 
-    def _global_totals(self, mbs: list[MicroBatch], objective: Objective) -> dict[str, torch.Tensor]:
-        """Normaliser counts summed over this rank's micro-batches and all ranks (one all-reduce)."""
-        keys = sorted(objective.counts(mbs[0]))
-        local = torch.zeros(len(keys) + 1, dtype=torch.float64)
-        for mb in mbs:
-            counts = objective.counts(mb)
-            local[:-1] += torch.stack([counts[k].double() for k in keys])
-        local[-1] = len(mbs)
-        total = all_reduce_sum(local.to(self.device)).cpu()
-        if total[-1] != len(mbs) * self.world_size:
+    def _collate_all(
+        self, items: Sequence[Any], objective: Objective
+    ) -> tuple[list[MicroBatch], Exception | None]:
+        """This rank's micro-batches, or the error that stopped their collation (raised after the next sync)."""
+        size = self.train_cfg.per_device_train_batch_size
+        try:
+            return [objective.collate(self.processor, piece) for piece in chunks(items, size)], None
+        except Exception as error:  # noqa: BLE001 - re-raised on every rank after the next all-reduce
+            return [], error
+
+    def _agree(self, mbs: list[MicroBatch], error: Exception | None) -> None:
+        """Every rank raises when any rank failed to collate, instead of waiting in a collective."""
+        status = all_reduce_sum(torch.tensor([float(len(mbs)), float(error is not None)], device=self.device))
+        if error is not None:
+            raise error
+        if status[1] > 0:
+            raise RuntimeError("another learner failed to collate its rows for this step; see its error")
+        if status[0] != len(mbs) * self.world_size:
             raise RuntimeError(
-                f"ranks have different numbers of micro-batches ({len(mbs)} here, {int(total[-1])} in all); "
+                f"ranks have different numbers of micro-batches ({len(mbs)} here, {int(status[0])} in all); "
                 "give every learner the same number of rows"
             )
-        return {k: total[i].to(torch.float32).to(self.device) for i, k in enumerate(keys)}
+
+    def _global_totals(self, mbs: list[MicroBatch], objective: Objective) -> dict[str, torch.Tensor]:
+        """Normaliser counts summed over this rank's micro-batches and all ranks."""
+        keys = sorted(objective.counts(mbs[0]))
+        local = torch.zeros(len(keys), dtype=torch.float64)
+        for mb in mbs:
+            counts = objective.counts(mb)
+            local += torch.stack([counts[k].double() for k in keys])
+        total = all_reduce_sum(local.to(self.device))
+        return {k: total[i].to(torch.float32) for i, k in enumerate(keys)}
 
     def update(self, items: Sequence[Any], objective: Objective) -> UpdateResult:
         """One optimizer step on this rank's ``items`` (rows or ``TrainSample`` records).
@@ -243,7 +292,8 @@ class Learner:
         self.set_objective(objective)
         start = time.perf_counter()
         self.engine.train()
-        mbs = [objective.collate(self.processor, piece) for piece in chunks(items, self.train_cfg.per_device_train_batch_size)]
+        mbs, error = self._collate_all(items, objective)
+        self._agree(mbs, error)
         totals = self._global_totals(mbs, objective)
         lr = self.learning_rate()
         for group in self.engine.optimizer.param_groups:
@@ -253,7 +303,7 @@ class Learner:
         for mb in mbs:
             loss, metrics = objective.loss(mb, self._forward, reference, totals)
             self.engine.backward(loss * self.world_size)
-            acc.add(loss, metrics, objective.metric_weight(mb).to(self.device), mb)
+            acc.add(loss, metrics, objective.metric_weight(mb).to(self.device))
         before = self.engine.skipped_steps
         self.engine.step()
         skipped = self.engine.skipped_steps > before
@@ -265,7 +315,9 @@ class Learner:
         objective.after_step(metrics, skipped)
         return UpdateResult(step=self.step, metrics=metrics, skipped=skipped)
 
-    def _step_metrics(self, lr: float, skipped: bool, seconds: float, mbs: list[MicroBatch]) -> dict[str, float]:
+    def _step_metrics(
+        self, lr: float, skipped: bool, seconds: float, mbs: list[MicroBatch]
+    ) -> dict[str, float]:
         norm = self.engine.get_global_grad_norm()
         tokens = sum(int(mb.inputs["attention_mask"].sum()) for mb in mbs)
         global_tokens = float(all_reduce_sum(torch.tensor(float(tokens), device=self.device)))
@@ -280,7 +332,9 @@ class Learner:
 
     # ------------------------------------------------------------------ weights
 
-    def iter_weight_buckets(self, bucket_mb: float, trainable_only: bool = False) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    def iter_weight_buckets(
+        self, bucket_mb: float, trainable_only: bool = False
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """HF-named full weights in buckets of about ``bucket_mb`` MiB (a bigger tensor goes alone).
 
         Names are those of a freshly loaded HF model's ``named_parameters()``; LoRA adapters are
@@ -292,8 +346,9 @@ class Learner:
 
     def close(self) -> None:
         """Free the engines (the process group stays, for the next learner in this process)."""
-        if self.engine is not None and hasattr(self.engine, "destroy"):
-            self.engine.destroy()
+        for engine in (self.engine, self.reference):
+            if engine is not None and hasattr(engine, "destroy"):  # DeepSpeed engines (not a plain reference)
+                engine.destroy()
         self.engine = None
         self.reference = None
 
@@ -307,7 +362,7 @@ class _MetricSums:
         self.sums: dict[str, torch.Tensor] = {}
         self.weight = torch.zeros((), dtype=torch.float64, device=device)
 
-    def add(self, loss: torch.Tensor, metrics: Mapping[str, torch.Tensor], weight: torch.Tensor, mb: MicroBatch) -> None:
+    def add(self, loss: torch.Tensor, metrics: Mapping[str, torch.Tensor], weight: torch.Tensor) -> None:
         self.loss += loss.detach().double()
         self.weight += weight.double()
         for key, value in metrics.items():

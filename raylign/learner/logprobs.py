@@ -8,8 +8,8 @@ time. With gradients, each chunk runs under activation checkpointing, so no more
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -32,7 +32,9 @@ class TokenLogprobs:
 
 def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The model's keyword inputs from a collated batch, on ``device``."""
-    return {k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS and isinstance(v, torch.Tensor)}
+    return {
+        k: v.to(device) for k, v in batch.items() if k not in NON_MODEL_KEYS and isinstance(v, torch.Tensor)
+    }
 
 
 def _chunk(
@@ -63,7 +65,13 @@ def head_logprobs(
     pieces, entropies = [], []
     use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
     for start in range(0, hidden.shape[0], chunk_size):
-        args = (head, hidden[start : start + chunk_size], targets[start : start + chunk_size], temperature, with_entropy)
+        args = (
+            head,
+            hidden[start : start + chunk_size],
+            targets[start : start + chunk_size],
+            temperature,
+            with_entropy,
+        )
         lp, ent = checkpoint(_chunk, *args, use_reentrant=False) if use_checkpoint else _chunk(*args)
         pieces.append(lp)
         entropies.append(ent)
@@ -93,11 +101,17 @@ def target_logprobs(
     hidden = backbone(**inputs, use_cache=False).last_hidden_state  # [B, L, H]
     index, mask = pack_targets(batch["completion_mask"].to(device))  # [B, T]
     if bool((index[mask] == 0).any()):
-        raise ValueError("completion_mask marks position 0 as a target, but no position precedes it to predict it")
+        raise ValueError(
+            "completion_mask marks position 0 as a target, but no position precedes it to predict it"
+        )
     rows = torch.arange(index.shape[0], device=device).unsqueeze(1).expand_as(index)
     flat_hidden = hidden[rows[mask], index[mask] - 1]  # [N, H]
     flat_targets = inputs["input_ids"][rows[mask], index[mask]]  # [N]
     lp, ent = head_logprobs(head, flat_hidden, flat_targets, temperature, chunk_size, with_entropy)
     logprobs = torch.zeros(mask.shape, dtype=lp.dtype, device=device).masked_scatter(mask, lp)
-    entropy = None if ent is None else torch.zeros(mask.shape, dtype=ent.dtype, device=device).masked_scatter(mask, ent)
+    entropy = (
+        None
+        if ent is None
+        else torch.zeros(mask.shape, dtype=ent.dtype, device=device).masked_scatter(mask, ent)
+    )
     return TokenLogprobs(logprobs=logprobs, mask=mask, entropy=entropy)

@@ -54,7 +54,9 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     targets = list(cfg.target_modules)
     if targets == [ALL_LINEAR]:
         targets = language_linear_names(model)
-    lora = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets)
+    lora = peft.LoraConfig(
+        r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
+    )
     return peft.get_peft_model(model, lora)
 
 
@@ -64,11 +66,15 @@ def build_policy(cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
     Gradient checkpointing uses the non-reentrant variant, which needs no input gradients (LoRA
     with a frozen embedding works) and lets ZeRO-3 fetch parameters again during the recomputation.
     """
-    model = load_model(cfg.name_or_path, dtype=_dtype_name(dtype), attn_implementation=cfg.attn_implementation)
+    model = load_model(
+        cfg.name_or_path, dtype=_dtype_name(dtype), attn_implementation=cfg.attn_implementation
+    )
     if cfg.freeze_vision_tower:
         prefixes = vision_module_prefixes(model)
         if not prefixes:
-            raise ValueError(f"model.freeze_vision_tower is set but {cfg.name_or_path} has no vision tower to freeze")
+            raise ValueError(
+                f"model.freeze_vision_tower is set but {cfg.name_or_path} has no vision tower to freeze"
+            )
         for name, p in model.named_parameters():
             if name.startswith(prefixes):
                 p.requires_grad_(False)
@@ -81,7 +87,9 @@ def build_policy(cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
 
 def build_reference(cfg: ModelConfig, dtype: torch.dtype) -> nn.Module:
     """A frozen copy of the initial policy (eval mode, no gradients)."""
-    model = load_model(cfg.name_or_path, dtype=_dtype_name(dtype), attn_implementation=cfg.attn_implementation)
+    model = load_model(
+        cfg.name_or_path, dtype=_dtype_name(dtype), attn_implementation=cfg.attn_implementation
+    )
     return model.eval().requires_grad_(False)
 
 
@@ -91,10 +99,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def export_name(name: str) -> str:
     """A (possibly PEFT-wrapped) parameter name as the plain HF model names it."""
-    name = name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+    name = name.removeprefix(PEFT_PREFIX)
     return name.replace(".base_layer.", ".")
 
 
 def is_lora_param(name: str) -> bool:
     """True for adapter weights (``lora_A``/``lora_B``/...), which merge into their base layer on export."""
-    return any(f".{part}." in name for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"))
+    return any(
+        f".{part}." in name
+        for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    )

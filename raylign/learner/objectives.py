@@ -10,8 +10,9 @@ name to one, explicitly.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -31,7 +32,9 @@ REF_CHOSEN, REF_REJECTED = "ref_chosen_logps", "ref_rejected_logps"  # precomput
 class LogprobFn(Protocol):
     """The learner's forward: target-token logprobs of a collated batch (policy, or frozen reference)."""
 
-    def __call__(self, batch: Mapping[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False) -> TokenLogprobs: ...
+    def __call__(
+        self, batch: Mapping[str, torch.Tensor], temperature: float = 1.0, with_entropy: bool = False
+    ) -> TokenLogprobs: ...
 
 
 @dataclass
@@ -55,7 +58,11 @@ class Objective(Protocol):
     def metric_weight(self, mb: MicroBatch) -> torch.Tensor: ...
 
     def loss(
-        self, mb: MicroBatch, policy: LogprobFn, reference: LogprobFn | None, totals: Mapping[str, torch.Tensor]
+        self,
+        mb: MicroBatch,
+        policy: LogprobFn,
+        reference: LogprobFn | None,
+        totals: Mapping[str, torch.Tensor],
     ) -> tuple[torch.Tensor, Metrics]: ...
 
     def after_step(self, metrics: Mapping[str, float], skipped: bool) -> None: ...
@@ -86,7 +93,9 @@ class _Stateless:
 def _without_vision(processor: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Every real token except image tokens and position 0 (nothing predicts it): the all-token SFT mask."""
     ids = batch["input_ids"]
-    mask = batch["attention_mask"].bool() & ~torch.isin(ids, torch.tensor(sorted(vision_token_ids(processor))))
+    mask = batch["attention_mask"].bool() & ~torch.isin(
+        ids, torch.tensor(sorted(vision_token_ids(processor)))
+    )
     mask[:, 0] = False
     return mask.long()
 
@@ -165,7 +174,9 @@ class PreferenceObjective:
 
     def collate(self, processor: Any, items: Sequence[Mapping[str, Any]]) -> MicroBatch:
         skipped: list[int] = []
-        batch = collate_preference(processor, items, self.max_length, self.max_prompt_length, self.truncation, skipped)
+        batch = collate_preference(
+            processor, items, self.max_length, self.max_prompt_length, self.truncation, skipped
+        )
         kept = [row for i, row in enumerate(items) if i not in set(skipped)]
         extras = {}
         if kept and all(REF_CHOSEN in row and REF_REJECTED in row for row in kept):
@@ -174,12 +185,17 @@ class PreferenceObjective:
 
     def counts(self, mb: MicroBatch) -> dict[str, torch.Tensor]:
         pairs = mb.inputs["input_ids"].shape[0] // 2
-        return {"pairs": torch.tensor(float(pairs)), "chosen_tokens": mb.inputs["completion_mask"][:pairs].sum().float()}
+        return {
+            "pairs": torch.tensor(float(pairs)),
+            "chosen_tokens": mb.inputs["completion_mask"][:pairs].sum().float(),
+        }
 
     def metric_weight(self, mb: MicroBatch) -> torch.Tensor:
         return torch.tensor(float(mb.inputs["input_ids"].shape[0] // 2))
 
-    def _reference_logps(self, mb: MicroBatch, reference: LogprobFn | None, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reference_logps(
+        self, mb: MicroBatch, reference: LogprobFn | None, pairs: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if REF_CHOSEN in mb.extras:
             return mb.extras[REF_CHOSEN], mb.extras[REF_REJECTED]
         if reference is None:
@@ -202,7 +218,9 @@ class PreferenceObjective:
         if "sft" in self.loss_cfg.loss_type:
             nll, _ = sft_loss(out.logprobs[:pairs], out.mask[:pairs], num_tokens=totals["chosen_tokens"])
             chosen_nll = nll / scale  # dpo_loss's mean is rescaled by `scale` below; this term must not be
-        use_shift = self.bco_running_mean and "bco_pair" in self.loss_cfg.loss_type
+        shift = None
+        if self.bco_running_mean and "bco_pair" in self.loss_cfg.loss_type:
+            shift = torch.tensor(self.bco_mean, dtype=sums.dtype, device=sums.device)
         loss, metrics = dpo_loss(
             sums[:pairs],
             sums[pairs:],
@@ -210,7 +228,7 @@ class PreferenceObjective:
             ref_rejected.to(sums),
             self.loss_cfg,
             chosen_nll=chosen_nll,
-            bco_reward_mean=torch.tensor(self.bco_mean, dtype=sums.dtype, device=sums.device) if use_shift else None,
+            bco_reward_mean=shift,
             chosen_lengths=lengths[:pairs],
             rejected_lengths=lengths[pairs:],
         )

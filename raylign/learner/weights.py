@@ -10,8 +10,8 @@ released before the bucket is yielded, so at most one bucket is ever gathered.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -98,7 +98,9 @@ def gathered(params: list[nn.Parameter], zero3: bool):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def iter_buckets(policy: nn.Module, bucket_mb: float, trainable_only: bool = False, zero3: bool = False) -> Iterator[Bucket]:
+def iter_buckets(
+    policy: nn.Module, bucket_mb: float, trainable_only: bool = False, zero3: bool = False
+) -> Iterator[Bucket]:
     """Yield ``[(hf_name, tensor), ...]`` buckets of about ``bucket_mb`` MiB (see the module docstring)."""
     if bucket_mb <= 0:
         raise ValueError(f"bucket_mb must be > 0, got {bucket_mb}")

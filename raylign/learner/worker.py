@@ -8,8 +8,9 @@ every call ships a fresh pickled copy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -71,7 +72,11 @@ class LearnerWorker:
 
     def _objective(self, objective: Objective) -> Objective:
         """The kept objective when ``objective`` has the same config, else ``objective`` (now kept)."""
-        if self.objective is None or type(self.objective) is not type(objective) or self.objective != objective:
+        if (
+            self.objective is None
+            or type(self.objective) is not type(objective)
+            or self.objective != objective
+        ):
             self.objective = objective
         return self.objective
 
@@ -86,7 +91,9 @@ class LearnerWorker:
     def weight_buckets(self, bucket_mb: float, trainable_only: bool) -> list[Bucket]:
         """Every bucket on rank 0 (on CPU), nothing elsewhere; all ranks must call it under ZeRO-3."""
         learner = self._learner()
-        buckets = [[(n, t.cpu()) for n, t in b] for b in learner.iter_weight_buckets(bucket_mb, trainable_only)]
+        buckets = [
+            [(n, t.cpu()) for n, t in b] for b in learner.iter_weight_buckets(bucket_mb, trainable_only)
+        ]
         return buckets if learner.rank == 0 else []
 
     def save(self, directory: str, data_state: dict[str, Any] | None) -> str:

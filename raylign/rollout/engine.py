@@ -13,8 +13,9 @@ logprob, so ``exp(learner_logprob - rollout_logprob)`` is exactly 1 for an uncha
 
 Vision placeholder tokens (image/video pads, vision start/end) are never sampled: a completion that
 contains one breaks the learner's forward pass ("image features and image tokens do not match"),
-and a tiny random model emits them. They are suppressed when sampling; the reported logprob keeps
-its full normaliser (the difference is log(1 - p_placeholders), negligible for a trained model).
+and a tiny random model emits them. They are suppressed when sampling. The transformers engine
+still reports the logprob with the full normaliser; vLLM's renormalises without them, i.e. higher by
+-log(1 - p_placeholders): nil for a trained model, about 0.008 on the random tiny models.
 
 Weight loading is bucketed: a sync calls ``load_weights(bucket)`` once per bucket of
 ``(hf_name, tensor)`` pairs, named as in the learner's ``model.named_parameters()``, then
@@ -23,8 +24,9 @@ Weight loading is bucketed: a sync calls ``load_weights(bucket)`` once per bucke
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -106,8 +108,13 @@ def sampled_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperatu
     return picked - torch.logsumexp(scaled, dim=-1)
 
 
-_PLACEHOLDER_KEYS = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
-                     "vision_end_token_id")
+_PLACEHOLDER_KEYS = (
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
 
 
 def placeholder_token_ids(config, processor) -> tuple[int, ...]:

@@ -33,8 +33,8 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import ray
 from ray.exceptions import RayActorError
@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class _Worker:
     id: str
-    handle: "ray.actor.ActorHandle"
+    handle: ray.actor.ActorHandle
     version: int
     inflight: dict = field(default_factory=dict)  # ObjectRef -> tickets of that generate call
     draining: bool = False
@@ -93,7 +93,7 @@ class RolloutGroup:
     # ---- membership -------------------------------------------------------------------------
 
     @property
-    def workers(self) -> list[tuple[str, "ray.actor.ActorHandle"]]:
+    def workers(self) -> list[tuple[str, ray.actor.ActorHandle]]:
         """``(worker_id, actor handle)`` of every worker that takes work (draining ones excluded)."""
         return [(w.id, w.handle) for w in self._workers if not w.draining]
 
@@ -124,7 +124,9 @@ class RolloutGroup:
         if k > len(live):
             raise ValueError(f"cannot remove {k} of {len(live)} rollout workers")
         if self._requests and len(chosen) == len(live):
-            raise ValueError(f"cannot remove every rollout worker while {len(self._requests)} requests are outstanding")
+            raise ValueError(
+                f"cannot remove every rollout worker while {len(self._requests)} requests are outstanding"
+            )
         for w in chosen:
             w.draining = True
             self._retire_if_idle(w)
@@ -364,7 +366,7 @@ class RolloutGroup:
                     self._record(t, rollout)
         w.inflight.clear()
         lost = [t for t in lost if t in self._requests]
-        self._pending.extendleft(reversed(sorted(lost)))
+        self._pending.extendleft(sorted(lost, reverse=True))
         self.requeued += len(lost)
         self._workers.remove(w)
         ray.kill(w.handle, no_restart=True)

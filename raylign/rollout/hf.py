@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Iterator, Sequence
 
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -51,7 +51,9 @@ class _StopStrings(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         generated = input_ids[:, self.prompt_len :]
         length = generated.shape[1]
-        tails = self.tokenizer.batch_decode(generated[:, max(0, length - self.window) :], skip_special_tokens=True)
+        tails = self.tokenizer.batch_decode(
+            generated[:, max(0, length - self.window) :], skip_special_tokens=True
+        )
         done = []
         for row, text in enumerate(tails):
             if row not in self.cut and any(s in text for s in self.stops):
@@ -67,7 +69,9 @@ def _eos_ids(model, tokenizer) -> tuple[int, ...]:
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     if not ids:
-        raise ValueError("the model has no EOS token (generation_config.eos_token_id and tokenizer.eos_token)")
+        raise ValueError(
+            "the model has no EOS token (generation_config.eos_token_id and tokenizer.eos_token)"
+        )
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
@@ -110,7 +114,9 @@ class TransformersEngine:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.model = load_model(model_path, dtype=dtype, device=self.device, attn_implementation=attn_implementation)
+        self.model = load_model(
+            model_path, dtype=dtype, device=self.device, attn_implementation=attn_implementation
+        )
         self.model.eval().requires_grad_(False)
         self.processor = load_processor(model_path)
         self.tokenizer = self.processor.tokenizer
@@ -120,7 +126,9 @@ class TransformersEngine:
         self.suppressed_ids = placeholder_token_ids(self.model.config, self.processor)
         # A checkpoint's generation_config.json may carry sampling defaults (Qwen's has temperature
         # 0.1, top_k 1, repetition_penalty 1.05); the engine owns sampling, so keep only token ids.
-        self.model.generation_config = GenerationConfig(eos_token_id=list(self.eos_ids), pad_token_id=self.pad_id)
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=list(self.eos_ids), pad_token_id=self.pad_id
+        )
         self.batch_size = batch_size
         self._rng = random.Random(seed)
         self._version = version
@@ -149,7 +157,9 @@ class TransformersEngine:
                 completions[i] = group
                 seconds[i] = elapsed * requests[i].sampling.n / rows  # this group's share of the call
         return [
-            Rollout(request=r, completions=completions[i], policy_version=self._version, generate_s=seconds[i])
+            Rollout(
+                request=r, completions=completions[i], policy_version=self._version, generate_s=seconds[i]
+            )
             for i, r in enumerate(requests)
         ]
 
@@ -187,10 +197,16 @@ class TransformersEngine:
             )
         generated = out.sequences[:, prompt_len:]
         logprobs = torch.stack(
-            [sampled_token_logprobs(step, generated[:, t], s.temperature) for t, step in enumerate(out.logits)], dim=1
+            [
+                sampled_token_logprobs(step, generated[:, t], s.temperature)
+                for t, step in enumerate(out.logits)
+            ],
+            dim=1,
         )
-        done = [self._completion(generated[row], logprobs[row], stops.cut.get(row) if stops else None, s)
-                for row in range(len(rows))]
+        done = [
+            self._completion(generated[row], logprobs[row], stops.cut.get(row) if stops else None, s)
+            for row in range(len(rows))
+        ]
         groups, start = [], 0
         for r in batch:
             groups.append(tuple(done[start : start + r.sampling.n]))
@@ -198,9 +214,9 @@ class TransformersEngine:
         return groups
 
     def _generation_config(self, s: SamplingParams) -> GenerationConfig:
-        sampling = dict(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        sampling = {"do_sample": True, "temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
         return GenerationConfig(
-            **(sampling if s.temperature > 0 else dict(do_sample=False)),
+            **(sampling if s.temperature > 0 else {"do_sample": False}),
             max_new_tokens=s.max_tokens,
             suppress_tokens=list(self.suppressed_ids) or None,
             eos_token_id=list(self.eos_ids),
@@ -243,7 +259,9 @@ class TransformersEngine:
                 raise KeyError(f"no parameter {name!r} in the rollout model (names look like: {known}, ...)")
             target = params[name]
             if tuple(tensor.shape) != tuple(target.shape):
-                raise ValueError(f"{name}: got shape {tuple(tensor.shape)}, the model has {tuple(target.shape)}")
+                raise ValueError(
+                    f"{name}: got shape {tuple(tensor.shape)}, the model has {tuple(target.shape)}"
+                )
             target.copy_(tensor.to(device=target.device, dtype=target.dtype))
             count += 1
         if version is not None:

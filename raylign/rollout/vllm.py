@@ -12,7 +12,16 @@ from ``vllm/v1/sample/sampler.py`` and ``ops/topk_topp_sampler.py``). With ``top
 ``top_k == 0`` (GRPO's defaults) that is exactly raylign's definition, ``log_softmax(logits / T)``;
 ``raw_logprobs`` would ignore the temperature. With truncation on, vLLM reports the logprob under
 the truncated, renormalised distribution (>= the untruncated one) and cannot report the untruncated
-one, so a warning is logged once. Greedy requests (T = 0) get ``log_softmax(logits)``, as in HF.
+one, so a warning is logged once. Greedy requests (T = 0) get ``log_softmax(logits)``, as in HF;
+vLLM refuses greedy ``n > 1``, so a greedy request is sampled once and copied ``n`` times. Vision
+placeholder tokens get a -100 logit bias (see :mod:`raylign.rollout.engine`), which the processed
+logprobs include: they are normalised over the other tokens.
+
+Checked against vLLM 0.32's CPU build on the tiny Qwen2.5-VL (text hidden 256): with one and two
+images, logprobs equal an HF fp32 teacher-forced ``log_softmax(logits / T)`` over non-placeholder
+tokens to 2e-6, greedy and stop strings included; every HF parameter name of the model maps onto
+a vLLM parameter. Loading weights there fails inside vLLM's CPU backend (it repacks linear layers),
+so weight sync is checked on GPUs only (tests/gpu).
 
 Weights: ``load_weights`` sends one bucket per ``collective_rpc`` to
 :class:`raylign.rollout.vllm_ext.WeightLoaderExtension`, which calls vLLM's ``model.load_weights``
@@ -24,7 +33,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from transformers import AutoConfig
 
@@ -57,19 +67,24 @@ def vllm_sampling_kwargs(s: SamplingParams, suppressed_ids: Sequence[int] = ()) 
     text is the decoded token ids, as in the transformers engine. ``suppressed_ids`` (vision
     placeholders) get vLLM's lowest logit bias, -100, which rules them out in practice.
     """
-    return dict(
-        n=s.n,
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k if s.top_k > 0 else -1,  # -1 = off in every vLLM version (0 only in newer ones)
-        max_tokens=s.max_tokens,
-        stop=list(s.stop),
-        include_stop_str_in_output=True,
-        seed=s.seed,
-        logprobs=0,
-        skip_special_tokens=True,
-        logit_bias={int(i): -100.0 for i in suppressed_ids} or None,
-    )
+    return {
+        "n": 1 if s.temperature == 0 else s.n,  # vLLM refuses greedy n > 1; the engine copies the one
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "top_k": s.top_k if s.top_k > 0 else -1,  # -1 = off in every vLLM version (0 only in newer ones)
+        "max_tokens": s.max_tokens,
+        "stop": list(s.stop),
+        "include_stop_str_in_output": True,
+        "seed": s.seed,
+        "logprobs": 0,
+        "skip_special_tokens": True,
+        "logit_bias": {int(i): -100.0 for i in suppressed_ids} or None,
+    }
+
+
+def _copies(request: RolloutRequest) -> int:
+    """Greedy decoding is asked for once and copied ``n`` times."""
+    return request.sampling.n if request.sampling.temperature == 0 else 1
 
 
 def _import_vllm():
@@ -114,19 +129,21 @@ class VLLMEngine:
         self._vllm = vllm
         self.processor = load_processor(model_path)
         self.tokenizer = self.processor.tokenizer
-        self.suppressed_ids = placeholder_token_ids(AutoConfig.from_pretrained(str(model_path)), self.processor)
-        torch_dtype = resolve_dtype(dtype, "cuda")
-        options = dict(
-            model=str(model_path),
-            dtype=str(torch_dtype).removeprefix("torch."),
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            enable_sleep_mode=enable_sleep_mode,
-            seed=seed,
-            logprobs_mode=LOGPROBS_MODE,
-            worker_extension_cls=EXTENSION,
+        self.suppressed_ids = placeholder_token_ids(
+            AutoConfig.from_pretrained(str(model_path)), self.processor
         )
+        torch_dtype = resolve_dtype(dtype, "cuda")
+        options = {
+            "model": str(model_path),
+            "dtype": str(torch_dtype).removeprefix("torch."),
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "max_model_len": max_model_len,
+            "enable_sleep_mode": enable_sleep_mode,
+            "seed": seed,
+            "logprobs_mode": LOGPROBS_MODE,
+            "worker_extension_cls": EXTENSION,
+        }
         options.update(engine_kwargs)
         self.llm = vllm.LLM(**options)
         self.sleep_mode, self.sleep_level = enable_sleep_mode, sleep_level
@@ -142,11 +159,16 @@ class VLLMEngine:
     def generate(self, requests: Sequence[RolloutRequest]) -> list[Rollout]:
         """One Rollout per request, in order (vLLM schedules all of them at once)."""
         if self._asleep or self._weights_discarded:
-            raise RuntimeError("the vLLM engine is asleep or its weights were discarded: wake() and sync first")
+            raise RuntimeError(
+                "the vLLM engine is asleep or its weights were discarded: wake() and sync first"
+            )
         validate_requests(requests)
         self._warn_truncation(requests)
         prompts = [vllm_prompt(self.processor, r) for r in requests]
-        params = [self._vllm.SamplingParams(**vllm_sampling_kwargs(r.sampling, self.suppressed_ids)) for r in requests]
+        params = [
+            self._vllm.SamplingParams(**vllm_sampling_kwargs(r.sampling, self.suppressed_ids))
+            for r in requests
+        ]
         start = time.perf_counter()
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - start
@@ -154,7 +176,7 @@ class VLLMEngine:
         return [
             Rollout(
                 request=r,
-                completions=tuple(self._completion(c) for c in out.outputs),
+                completions=tuple(self._completion(c) for c in out.outputs for _ in range(_copies(r))),
                 policy_version=self._version,
                 generate_s=elapsed * r.sampling.n / rows,
             )
@@ -175,7 +197,9 @@ class VLLMEngine:
         )
 
     def _warn_truncation(self, requests: Sequence[RolloutRequest]) -> None:
-        if not self._warned_truncation and any(r.sampling.top_p < 1 or r.sampling.top_k > 0 for r in requests):
+        if not self._warned_truncation and any(
+            r.sampling.top_p < 1 or r.sampling.top_k > 0 for r in requests
+        ):
             self._warned_truncation = True
             logger.warning(
                 "vLLM reports logprobs under the top-p/top-k truncated distribution (%s); the learner's "

@@ -8,8 +8,8 @@ made here and nowhere else. Actors run one call at a time, so a weight load queu
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Mapping, Sequence
 
 import ray
 
@@ -62,7 +62,9 @@ class RolloutWorker:
 _RemoteRolloutWorker = ray.remote(RolloutWorker)
 
 
-def start_rollout_worker(spec: EngineSpec, worker_id: str, resources: WorkerResources) -> "ray.actor.ActorHandle":
+def start_rollout_worker(
+    spec: EngineSpec, worker_id: str, resources: WorkerResources
+) -> ray.actor.ActorHandle:
     """Start a ``RolloutWorker`` actor (never restarted by Ray: its group replaces it and re-queues)."""
     return _RemoteRolloutWorker.options(
         num_cpus=resources.num_cpus,

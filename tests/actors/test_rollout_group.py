@@ -47,7 +47,9 @@ def local(tiny_qwen_dir):
 def _requests(k: int, prefix: str, **sampling) -> list[RolloutRequest]:
     s = SamplingParams(**{"n": 2, "max_tokens": 6, **sampling})
     return [
-        RolloutRequest(uid=f"{prefix}{i}", prompt=f"how many circles? {i}", images=(IMG,) if i % 2 else (), sampling=s)
+        RolloutRequest(
+            uid=f"{prefix}{i}", prompt=f"how many circles? {i}", images=(IMG,) if i % 2 else (), sampling=s
+        )
         for i in range(k)
     ]
 
@@ -67,7 +69,10 @@ def _teacher_forced(model, processor, request, token_ids, temperature):
 
 def _max_logprob_error(rollouts, model, processor, temperature) -> float:
     return max(
-        (_teacher_forced(model, processor, r.request, c.token_ids, temperature) - torch.tensor(c.logprobs)).abs().max().item()
+        (_teacher_forced(model, processor, r.request, c.token_ids, temperature) - torch.tensor(c.logprobs))
+        .abs()
+        .max()
+        .item()
         for r in rollouts
         for c in r.completions
     )

@@ -17,7 +17,10 @@ def _sft_rows(n: int) -> list[dict]:
     for i in range(n):
         ex = generate_example("color", i)
         user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]}
-        answer = {"role": "assistant", "content": [{"type": "text", "text": format_answer(ex.reasoning, ex.answer)}]}
+        answer = {
+            "role": "assistant",
+            "content": [{"type": "text", "text": format_answer(ex.reasoning, ex.answer)}],
+        }
         rows.append({"messages": [user, answer], "images": [ex.image]})
     return rows
 
@@ -51,7 +54,9 @@ def test_chunked_equals_full_vocab_forward(model_and_batch, temperature):
     with torch.no_grad():
         ref_lp, ref_ent, counts = _reference(model, batch, temperature)
         for chunk in (1, 7, 10_000):
-            out = target_logprobs(backbone, head, batch, torch.device("cpu"), temperature, chunk, with_entropy=True)
+            out = target_logprobs(
+                backbone, head, batch, torch.device("cpu"), temperature, chunk, with_entropy=True
+            )
             assert out.mask.sum(1).tolist() == counts
             for b, n in enumerate(counts):
                 torch.testing.assert_close(out.logprobs[b, :n], ref_lp[b], rtol=1e-5, atol=1e-5)

@@ -32,7 +32,10 @@ def sft_rows(n: int) -> list[dict]:
     out = []
     for i in range(n):
         ex = generate_example("color", i)
-        answer = {"role": "assistant", "content": [{"type": "text", "text": format_answer(ex.reasoning, ex.answer)}]}
+        answer = {
+            "role": "assistant",
+            "content": [{"type": "text", "text": format_answer(ex.reasoning, ex.answer)}],
+        }
         out.append({"messages": [_user(ex.question), answer], "images": [ex.image]})
     return out
 
@@ -41,12 +44,14 @@ def preference_rows(n: int) -> list[dict]:
     out = []
     for i in range(n):
         ex = generate_example("count", i)
-        out.append({
-            "prompt": [_user(ex.question)],
-            "chosen": [{"role": "assistant", "content": format_answer(ex.reasoning, ex.answer)}],
-            "rejected": [{"role": "assistant", "content": format_answer("no idea " * (i + 1), ex.wrong)}],
-            "images": [ex.image],
-        })
+        out.append(
+            {
+                "prompt": [_user(ex.question)],
+                "chosen": [{"role": "assistant", "content": format_answer(ex.reasoning, ex.answer)}],
+                "rejected": [{"role": "assistant", "content": format_answer("no idea " * (i + 1), ex.wrong)}],
+                "images": [ex.image],
+            }
+        )
     return out
 
 
@@ -77,7 +82,7 @@ def _loss_and_grads(model, processor, policy, objective, items, split: int, refe
     for mb in mbs:
         loss, _ = objective.loss(mb, policy, reference, totals)
         loss.backward()
-        total += float(loss)
+        total += float(loss.detach())
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return total, grads
 
@@ -133,7 +138,9 @@ def test_preference_split_invariance_and_precomputed_reference(setup):
     mb = objective.collate(processor, rows)
     with torch.no_grad():
         sums = reference(mb.inputs).logprobs.sum(-1)
-    with_refs = [dict(r, **{REF_CHOSEN: float(sums[i]), REF_REJECTED: float(sums[4 + i])}) for i, r in enumerate(rows)]
+    with_refs = [
+        dict(r, **{REF_CHOSEN: float(sums[i]), REF_REJECTED: float(sums[4 + i])}) for i, r in enumerate(rows)
+    ]
     pre = _loss_and_grads(model, processor, policy, objective, with_refs, 2, reference=None)
     _assert_same(whole, pre)
 
@@ -174,8 +181,16 @@ def _samples(processor, policy, n: int) -> list[TrainSample]:
         out = policy(objective.collate(processor, samples).inputs)
     advantages = [1.0, -0.5, 0.3, -1.2]
     return [
-        TrainSample(s.uid, s.prompt, s.images, s.completion_ids, tuple(out.logprobs[i, : len(s.completion_ids)].tolist()),
-                    advantages[i], 0, truncated=(i == 3))
+        TrainSample(
+            s.uid,
+            s.prompt,
+            s.images,
+            s.completion_ids,
+            tuple(out.logprobs[i, : len(s.completion_ids)].tolist()),
+            advantages[i],
+            0,
+            truncated=(i == 3),
+        )
         for i, s in enumerate(samples)
     ]
 
@@ -191,7 +206,7 @@ def test_policy_split_invariance(setup, loss_type):
 
 
 def test_policy_masks_truncated_and_counts(setup):
-    model, processor, policy = setup
+    _, processor, policy = setup
     samples = _samples(processor, policy, 4)
     objective = PolicyObjective(PolicyLossConfig(), mask_truncated_completions=True)
     mb = objective.collate(processor, samples)
@@ -207,10 +222,22 @@ def test_policy_masks_truncated_and_counts(setup):
 
 def test_make_objective_maps_every_method():
     base = {"model": {"name_or_path": "m"}, "data": {"train": "d"}}
-    kinds = {m: type(make_objective(config_from_dict({**base, "method": m}))) for m in ("sft", "dpo", "mpo", "grpo", "gspo")}
-    assert kinds == {"sft": SFTObjective, "dpo": PreferenceObjective, "mpo": PreferenceObjective,
-                     "grpo": PolicyObjective, "gspo": PolicyObjective}
+    kinds = {
+        m: type(make_objective(config_from_dict({**base, "method": m})))
+        for m in ("sft", "dpo", "mpo", "grpo", "gspo")
+    }
+    assert kinds == {
+        "sft": SFTObjective,
+        "dpo": PreferenceObjective,
+        "mpo": PreferenceObjective,
+        "grpo": PolicyObjective,
+        "gspo": PolicyObjective,
+    }
     mpo = make_objective(config_from_dict({**base, "method": "mpo"}))
-    assert mpo.loss_cfg.loss_type == ("sigmoid", "bco_pair", "sft") and mpo.loss_cfg.weights == (0.8, 0.2, 1.0)
+    assert mpo.loss_cfg.loss_type == ("sigmoid", "bco_pair", "sft") and mpo.loss_cfg.weights == (
+        0.8,
+        0.2,
+        1.0,
+    )
     gspo = make_objective(config_from_dict({**base, "method": "gspo"}))
     assert gspo.cfg.importance_sampling_level == "sequence"

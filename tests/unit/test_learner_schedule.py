@@ -6,7 +6,11 @@ import math
 
 import pytest
 import torch
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from raylign.learner.schedule import lr_at, lr_multiplier, num_warmup_steps
 
@@ -25,7 +29,9 @@ def test_hand_computed_values():
     assert lr_at(6, 1e-3, 10, "linear", warmup_steps=2) == pytest.approx(5e-4)
     assert lr_at(10, 1e-3, 10, "linear", warmup_steps=2) == 0.0
     assert lr_at(6, 1e-3, 10, "cosine", warmup_steps=2) == pytest.approx(5e-4)  # half way: cos(pi/2)
-    assert lr_at(4, 1e-3, 10, "cosine", warmup_steps=2) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(4, 1e-3, 10, "cosine", warmup_steps=2) == pytest.approx(
+        1e-3 * 0.5 * (1 + math.cos(math.pi / 4))
+    )
     assert lr_at(9, 1e-3, 10, "constant", warmup_steps=2) == 1e-3
     assert lr_at(0, 1e-3, 10, "constant") == 1e-3  # no warmup: the first step already has the peak
 
@@ -36,7 +42,9 @@ def test_matches_transformers(kind, warmup):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     sched = _HF[kind](opt, warmup, 17)
     for step in range(20):
-        assert lr_at(step, 2.0, 17, kind, warmup_steps=warmup) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        assert lr_at(step, 2.0, 17, kind, warmup_steps=warmup) == pytest.approx(
+            opt.param_groups[0]["lr"], abs=1e-12
+        )
         opt.step()
         sched.step()
 

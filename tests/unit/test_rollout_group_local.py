@@ -26,7 +26,9 @@ def test_local_group_submit_wait_generate_and_load_weights(tiny_qwen_dir):
     first = group.wait(num=1)
     rest = group.wait()
     assert [r.request.uid for r in first + rest] == ["r0", "r1", "r2"] and group.outstanding == 0
-    assert all(len(r.completions) == 2 and r.worker == "local" and r.policy_version == 0 for r in first + rest)
+    assert all(
+        len(r.completions) == 2 and r.worker == "local" and r.policy_version == 0 for r in first + rest
+    )
 
     greedy = _requests(2, temperature=0.0)
     before = group.generate(greedy)

@@ -135,11 +135,13 @@ def test_finish_reasons_eos_trimming_and_no_placeholders(tiny_qwen_dir):
 def test_stop_strings_cut_at_the_completing_token(engine):
     sampling = SamplingParams(n=8, temperature=1.0, max_tokens=12, stop=(" ", "0"), seed=2)
     rollout = engine.generate([requests(sampling)[0]])[0]
-    decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    stopped = [c for c in rollout.completions if c.finish_reason == "stop" and c.token_ids[-1] not in engine.eos_ids]
+    decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True)
+    stopped = [
+        c for c in rollout.completions if c.finish_reason == "stop" and c.token_ids[-1] not in engine.eos_ids
+    ]
     assert stopped, "no completion hit a stop string"
     for c in rollout.completions:
-        hit = lambda text: any(s in text for s in sampling.stop)  # noqa: E731
+        hit = lambda text: any(s in text for s in sampling.stop)
         if c in stopped:
             assert hit(c.text) and not hit(decode(c.token_ids[:-1]))
         elif c.finish_reason == "length":
@@ -151,7 +153,9 @@ def test_bucketed_load_weights_changes_outputs_and_bumps_version(tiny_qwen_dir):
     greedy = requests(SamplingParams(n=1, temperature=0.0, max_tokens=8))
     before, fingerprint = engine.generate(greedy), engine.model_fingerprint()
     gen = torch.Generator().manual_seed(0)
-    perturbed = [(n, p + 0.05 * torch.randn(p.shape, generator=gen)) for n, p in engine.model.named_parameters()]
+    perturbed = [
+        (n, p + 0.05 * torch.randn(p.shape, generator=gen)) for n, p in engine.model.named_parameters()
+    ]
     half = len(perturbed) // 2
     assert engine.load_weights(perturbed[:half]) == half and engine.version == 0  # bucket 1
     assert engine.load_weights(perturbed[half:]) == len(perturbed) - half

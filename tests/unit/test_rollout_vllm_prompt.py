@@ -39,11 +39,11 @@ def test_prompt_keeps_one_unexpanded_placeholder_per_image(tiny_model_dir):
 def test_sampling_kwargs_map_every_setting():
     s = SamplingParams(n=4, temperature=0.9, top_p=0.95, top_k=0, max_tokens=17, stop=("</answer>",), seed=7)
     kwargs = vllm_sampling_kwargs(s, suppressed_ids=(6, 7))
-    assert kwargs == dict(
-        n=4, temperature=0.9, top_p=0.95, top_k=-1, max_tokens=17, stop=["</answer>"],
-        include_stop_str_in_output=True, seed=7, logprobs=0, skip_special_tokens=True,
-        logit_bias={6: -100.0, 7: -100.0},
-    )  # fmt: skip
+    assert kwargs == {
+        "n": 4, "temperature": 0.9, "top_p": 0.95, "top_k": -1, "max_tokens": 17, "stop": ["</answer>"],
+        "include_stop_str_in_output": True, "seed": 7, "logprobs": 0, "skip_special_tokens": True,
+        "logit_bias": {6: -100.0, 7: -100.0},
+    }  # fmt: skip
     assert vllm_sampling_kwargs(SamplingParams(top_k=20))["top_k"] == 20
     assert vllm_sampling_kwargs(SamplingParams())["logit_bias"] is None
 
@@ -73,5 +73,9 @@ def test_worker_extension_loads_a_bucket_through_model_load_weights():
     worker.model_runner = SimpleNamespace(model=Model(2, 2))
     bucket = [("model.layers.0.mlp.up_proj.weight", torch.ones(2, 2)), ("lm_head.weight", torch.zeros(3))]
     assert worker.raylign_load_weights(bucket) == 2
-    assert [n for n, _ in received] == [n for n, _ in bucket] and torch.equal(received[0][1], torch.ones(2, 2))
-    assert worker.raylign_fingerprint() == pytest.approx(sum(p.abs().sum().item() for p in worker.model_runner.model.parameters()))
+    assert [n for n, _ in received] == [n for n, _ in bucket] and torch.equal(
+        received[0][1], torch.ones(2, 2)
+    )
+    assert worker.raylign_fingerprint() == pytest.approx(
+        sum(p.abs().sum().item() for p in worker.model_runner.model.parameters())
+    )

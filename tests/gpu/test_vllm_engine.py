@@ -17,8 +17,7 @@ from raylign.data.chat import encode_for_generation
 from raylign.models.loading import load_model, load_processor
 from raylign.protocol import RolloutRequest, SamplingParams
 
-if not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 IMG = Image.new("RGB", (56, 56), (200, 30, 30))
 

@@ -102,7 +102,7 @@ def pad_batch(processor, rows: Sequence[Encoded]) -> dict[str, torch.Tensor]:
         for key, value in r.per_token.items():
             if key != "attention_mask":
                 batch[key][b, :n] = value
-    for key in {k for r in rows for k in r.vision}:
+    for key in dict.fromkeys(k for r in rows for k in r.vision):  # first-seen order, deterministic
         batch[key] = torch.cat([r.vision[key] for r in rows if key in r.vision], dim=0)
     return batch
 

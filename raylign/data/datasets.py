@@ -66,8 +66,7 @@ def check_columns(columns: Sequence[str], kind: str) -> None:
     missing = [c for c in required if c not in columns]
     if missing:
         raise DataError(
-            f"column '{missing[0]}' is missing: a {kind} dataset needs "
-            f"{', '.join(repr(c) for c in required)}, "
+            f"column '{missing[0]}' is missing: a {kind} dataset needs {', '.join(map(repr, required))}, "
             f"found {sorted(columns)}; rename your columns or choose another kind"
         )
 
@@ -253,10 +252,9 @@ def _offline() -> bool:
 def _load_hub(name: str, split: str, streaming: bool, cache_dir: str | None):
     if not _offline() and not hub_reachable():
         raise DataError(
-            f"dataset {name!r} is not a local path and the Hugging Face hub ({_hub_endpoint()}) "
-            f"is not reachable; "
-            f"download it where there is network (datasets.load_dataset(...).save_to_disk(dir)) and pass the "
-            f"local path, or set HF_HUB_OFFLINE=1 to use a cached copy"
+            f"dataset {name!r} is not a local path and the Hugging Face hub ({_hub_endpoint()}) is not "
+            f"reachable; download it where there is network (datasets.load_dataset(...).save_to_disk(dir)) "
+            f"and pass the local path, or set HF_HUB_OFFLINE=1 to use a cached copy"
         )
     try:
         return datasets.load_dataset(name, split=split, streaming=streaming, cache_dir=cache_dir)

@@ -143,9 +143,8 @@ def _check_size(width: int, height: int, max_image_pixels: int, max_aspect_ratio
     if width * height > max_image_pixels:
         raise ImageProblem(
             "decompression_bomb",
-            f"the image is {width}x{height} = {width * height} pixels, "
-            f"above max_image_pixels={max_image_pixels} "
-            f"(a possible decompression bomb)",
+            f"the image is {width}x{height} = {width * height} pixels, above "
+            f"max_image_pixels={max_image_pixels} (a possible decompression bomb)",
         )
     ratio = max(width, height) / min(width, height)
     if ratio > max_aspect_ratio:

@@ -52,7 +52,7 @@ class Example:
     question: str
     answer: str  # the verifiable solution
     wrong: str  # a plausible wrong answer (the rejected side of a preference pair)
-    reasoning: str  # the <think> text of the demonstration answer
+    reasoning: str  # the <think> text of the demonstration: short, so the answer tokens weigh in SFT
 
 
 def format_answer(reasoning: str, answer: str) -> str:
@@ -88,9 +88,7 @@ def _color(rng: random.Random) -> Example:
         small = min(width, height) * 0.18
         cx, cy = rng.choice([0, width - small]), rng.choice([0, height - small])
         _shape(draw, rng.choice(SHAPES), (cx, cy, cx + small, cy + small), COLORS[rng.choice(others)])
-    return Example(
-        image, "What colour is the big shape?", name, rng.choice(others), f"the big shape is {name}"
-    )
+    return Example(image, "What colour is the big shape?", name, rng.choice(others), f"it is {name}")
 
 
 def _count(rng: random.Random) -> Example:
@@ -105,10 +103,11 @@ def _count(rng: random.Random) -> Example:
         colour = name if n < k else rng.choice([c for c in COLORS if c != name])
         r, c = divmod(slot, cells)
         s = cell * rng.uniform(0.55, 0.8)
-        x0, y0 = c * cell + rng.uniform(0, cell - s), r * cell + rng.uniform(0, cell - s)
+        # A pixel of margin inside the cell: shapes in neighbouring cells never touch (the count stays exact).
+        x0, y0 = c * cell + 1 + rng.uniform(0, cell - s - 2), r * cell + 1 + rng.uniform(0, cell - s - 2)
         _shape(draw, rng.choice(SHAPES), (x0, y0, x0 + s, y0 + s), COLORS[colour])
     wrong = rng.choice([str(n) for n in range(1, 5) if n != k])
-    return Example(image, f"How many {name} shapes are there?", str(k), wrong, f"I count {k} {name} shapes")
+    return Example(image, f"How many {name} shapes are there?", str(k), wrong, f"I count {k}")
 
 
 def _compare(rng: random.Random) -> Example:
@@ -125,7 +124,7 @@ def _compare(rng: random.Random) -> Example:
         _shape(draw, rng.choice(SHAPES), (x0, y0, x0 + s, y0 + s), COLORS[rng.choice(list(COLORS))])
     wrong = "right" if answer == "left" else "left"
     question = "Which side has the bigger shape, left or right?"
-    return Example(image, question, answer, wrong, f"the bigger shape is on the {answer}")
+    return Example(image, question, answer, wrong, f"the {answer} one is bigger")
 
 
 def _digit(rng: random.Random) -> Example:
@@ -142,7 +141,7 @@ def _digit(rng: random.Random) -> Example:
         a, b, c, d = _SEGMENTS[seg]
         draw.line([(x0 + a * unit, y0 + b * unit), (x0 + c * unit, y0 + d * unit)], fill=colour, width=thick)
     wrong = str(rng.choice([n for n in range(10) if n != digit]))
-    return Example(image, "What digit is shown?", str(digit), wrong, f"the digit is {digit}")
+    return Example(image, "What digit is shown?", str(digit), wrong, f"it is {digit}")
 
 
 TASKS: dict[str, Callable[[random.Random], Example]] = {

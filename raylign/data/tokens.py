@@ -93,8 +93,7 @@ def target_spans(processor, messages: Messages, first_target: int = 0) -> tuple[
             raise DataError(
                 f"the chat template does not render message {i} as an extension of the messages before it, "
                 f"so its tokens cannot be located; use a template whose renderings of a conversation's "
-                f"prefixes "
-                f"are prefixes of the whole (ChatML does)"
+                f"prefixes are prefixes of the whole (ChatML does)"
             )
         end = through.rfind(eot, len(before))
         spans.append((len(before), end + len(eot) if end >= 0 else len(through.rstrip())))
@@ -133,8 +132,7 @@ def _split_vision(vision: dict[str, torch.Tensor], counts: list[int]) -> list[di
         else:
             raise RuntimeError(
                 f"the processor's {key!r} (shape {tuple(value.shape)}) is neither per image nor per "
-                f"image patch; "
-                f"raylign supports Qwen-VL and LLaVA processors"
+                f"image patch; raylign supports Qwen-VL and LLaVA processors"
             )
         for b, piece in enumerate(torch.split(value, sizes)):
             if counts[b]:
@@ -156,8 +154,7 @@ def _align(unexpanded: list[int], expanded: list[int], image_id: int) -> list[in
         if j >= len(expanded) or unexpanded[i] != expanded[j]:
             raise RuntimeError(
                 "the processor's token ids differ from the tokenizer's outside the image runs; raylign "
-                "supports "
-                "processors that only expand image placeholders (Qwen-VL, LLaVA)"
+                "supports processors that only expand image placeholders (Qwen-VL, LLaVA)"
             )
         where[i] = j
         i += 1

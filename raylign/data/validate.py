@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import datasets
 
 from raylign.data.chat import count_image_parts, is_conversational, to_messages
-from raylign.data.datasets import VLMDataset, check_columns
+from raylign.data.datasets import REQUIRED_COLUMNS, VLMDataset, check_columns
 from raylign.data.errors import DataError, row_error
 from raylign.data.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, ImageProblem, check_image
 from raylign.data.lengths import LengthCounter
@@ -94,9 +94,7 @@ def _row_image_values(row: dict[str, Any]) -> list[Any]:
 
 def _format_problem(kind: str, row: dict[str, Any], n_images: int) -> _Problem | None:
     """Malformed chat columns, or image placeholders that do not match the images."""
-    columns = {"sft": ("messages",), "prompt": ("prompt",), "preference": ("prompt", "chosen", "rejected")}[
-        kind
-    ]
+    columns = REQUIRED_COLUMNS[kind]
     if kind == "sft" and row.get("messages") is None:
         columns = ("prompt", "completion")
     placeholders = 0
@@ -145,7 +143,10 @@ def validate_dataset(
     when its images and completion alone exceed the limit.
     """
     check_columns(ds.columns, ds.kind)
-    lengths = LengthCounter(processor, ds.min_pixels, ds.max_pixels) if processor is not None else None
+    limited = max_length is not None or max_prompt_length is not None
+    lengths = (
+        LengthCounter(processor, ds.min_pixels, ds.max_pixels) if processor is not None and limited else None
+    )
     report = ValidationReport()
     with ThreadPoolExecutor(max(1, num_threads)) as pool:
         for chunk in _chunks(ds, chunk_size):

@@ -85,6 +85,7 @@ def test_image_folder_with_metadata(tmp_path):
     assert ds.kind == "prompt" and len(ds) == 2
     colours = {r["solution"]: r["images"][0].getpixel((1, 1)) for r in ds}
     assert colours == {"red": (255, 0, 0), "blue": (0, 0, 255)}
+    assert validate_dataset(ds).num_valid == 2  # the single `image` column is checked as well
 
 
 def test_missing_local_path_and_unreachable_hub(tmp_path, monkeypatch):

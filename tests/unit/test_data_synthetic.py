@@ -21,6 +21,24 @@ def _colour_pixels(image) -> Counter:
     return Counter({lookup[rgb]: n for n, rgb in image.getcolors(maxcolors=1 << 16) if rgb in lookup})
 
 
+def _components(image, rgb) -> int:
+    """Connected blobs of exactly ``rgb`` (4-neighbour flood fill)."""
+    w, h = image.size
+    pixels = image.load()
+    todo = {(x, y) for x in range(w) for y in range(h) if pixels[x, y] == rgb}
+    blobs = 0
+    while todo:
+        blobs += 1
+        stack = [todo.pop()]
+        while stack:
+            x, y = stack.pop()
+            for n in ((x + 1, y), (x - 1, y), (x, y + 1), (x, y - 1)):
+                if n in todo:
+                    todo.remove(n)
+                    stack.append(n)
+    return blobs
+
+
 def test_deterministic_by_seed(tmp_path):
     a = pq.read_table(make_dataset("digit", 30, tmp_path / "a", seed=1, kind="sft") / "sft.parquet")
     b = pq.read_table(make_dataset("digit", 30, tmp_path / "b", seed=1, kind="sft") / "sft.parquet")
@@ -45,7 +63,9 @@ def test_answers_are_true_to_the_pixels(task):
         if task == "color":
             assert _colour_pixels(ex.image).most_common(1)[0][0] == ex.answer
         if task == "count":
-            assert ex.question == f"How many {ex.reasoning.split()[3]} shapes are there?"
+            colour = ex.question.split()[2]
+            assert ex.question == f"How many {colour} shapes are there?"
+            assert _components(ex.image, COLORS[colour]) == int(ex.answer)
         if task == "compare":
             half = ex.image.width // 2
             left = sum(_colour_pixels(ex.image.crop((0, 0, half, ex.image.height))).values())

@@ -1,9 +1,9 @@
 """Synthetic visual tasks with verifiable answers, drawn with PIL (nothing downloaded), deterministic by seed.
 
-- ``color``: what colour is the big shape? (red / green / blue / yellow) -- easy: a tiny model learns it
+- ``color``: what colour is the big shape? (answered 1-4 for red / green / blue / yellow) -- easy: a tiny model learns it
   from pixels in minutes on a CPU;
 - ``count``: how many shapes of a colour are there? (1-4, among other-coloured distractors);
-- ``compare``: which side has the bigger shape? (left / right);
+- ``compare``: which side has the bigger shape? (1 = left, 2 = right);
 - ``digit``: what digit is shown? (a seven-segment digit 0-9).
 
 Images are small (28..56 pixels a side) so the tiny models stay fast. ``make_dataset`` writes parquet
@@ -33,6 +33,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 ANSWER_HINT = "Put the answer in <answer></answer>."
+# Answers are numbers so math-verify (the accuracy reward) can check every task: a word gold answer
+# has no math parse, and the accuracy reward then has no opinion (TRL's rule).
+COLOR_QUESTION = "What colour is the big shape? Reply with its number: 1 red, 2 green, 3 blue, 4 yellow."
+COMPARE_QUESTION = "Which side has the bigger shape? Reply 1 for left, 2 for right."
 _CHUNK_ROWS = 1000
 
 # A seven-segment digit: segments a..g as (x0, y0, x1, y1) in a 2 x 4 box (top, upper right, lower right,
@@ -88,7 +92,9 @@ def _color(rng: random.Random) -> Example:
         small = min(width, height) * 0.18
         cx, cy = rng.choice([0, width - small]), rng.choice([0, height - small])
         _shape(draw, rng.choice(SHAPES), (cx, cy, cx + small, cy + small), COLORS[rng.choice(others)])
-    return Example(image, "What colour is the big shape?", name, rng.choice(others), f"it is {name}")
+    code = {c: str(i) for i, c in enumerate(COLORS, start=1)}
+    wrong = code[rng.choice(others)]
+    return Example(image, COLOR_QUESTION, code[name], wrong, f"it is {name}")
 
 
 def _count(rng: random.Random) -> Example:
@@ -122,9 +128,9 @@ def _compare(rng: random.Random) -> Example:
         s = big if side == answer else small
         x0, y0 = offset + rng.uniform(0, half - s), rng.uniform(0, height - s)
         _shape(draw, rng.choice(SHAPES), (x0, y0, x0 + s, y0 + s), COLORS[rng.choice(list(COLORS))])
+    code = {"left": "1", "right": "2"}
     wrong = "right" if answer == "left" else "left"
-    question = "Which side has the bigger shape, left or right?"
-    return Example(image, question, answer, wrong, f"the {answer} one is bigger")
+    return Example(image, COMPARE_QUESTION, code[answer], code[wrong], f"the {answer} one is bigger")
 
 
 def _digit(rng: random.Random) -> Example:

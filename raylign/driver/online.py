@@ -11,6 +11,7 @@ ends the run with the command that resumes it from the last checkpoint.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -94,6 +95,8 @@ class OnlineRun:
             self._restore(self.resume_from)
         self.pipeline = RolloutPipeline(self.rollouts, self.rewards, self.train_ds, self.sampler, g,
                                         self.total_steps, seed=cfg.seed, num_iterations=g.num_iterations)
+        # Which prompts each step trained on: the exactly-once record across failures and restarts.
+        self._audit = open(self.run_dir / "prompts.jsonl", "a" if self.resume_from else "w", buffering=1)
         self.log = MetricsLogger(self.run_dir, cfg.logging.report_to, config=None, project=cfg.logging.project,
                                  run_name=cfg.run_name, resume=self.resume_from is not None)
 
@@ -151,6 +154,8 @@ class OnlineRun:
         t2 = time.perf_counter()
         for grp in got.groups:
             self.sampler.done(grp.rollout.request.uid)
+        uids = [grp.rollout.request.uid for grp in got.groups]
+        self._audit.write(json.dumps({"step": step + 1, "uids": uids}) + "\n")
         sync = self.broadcaster.broadcast(self.learners.step)
         self.pipeline.fill(step + 1)  # the new weights open the next step's staleness window
         t3 = time.perf_counter()
@@ -179,25 +184,25 @@ class OnlineRun:
 
     # ------------------------------------------------------------------ the loop
 
-    def _evaluate(self, step: int) -> dict[str, float]:
+    def _evaluate(self) -> dict[str, float]:
         if self.eval_ds is None:
             return {}
-        metrics, _ = evaluate(self.rollouts, self.rewards, self.eval_ds, self.cfg.grpo)
-        self.log.log(step, metrics)
-        return metrics
+        return evaluate(self.rollouts, self.rewards, self.eval_ds, self.cfg.grpo)[0]
 
     def train(self) -> Path:
         t = self.cfg.train
         bar = tqdm(range(self.start_step, self.total_steps), initial=self.start_step, total=self.total_steps,
                    desc=f"{self.cfg.method}", disable=not self.cfg.logging.progress_bar, dynamic_ncols=True)
         evals = {}
-        if t.eval_steps and self.start_step == 0:
-            evals = self._evaluate(0)
+        if t.eval_steps and self.start_step == 0:  # the baseline every later eval is compared with
+            evals = self._evaluate()
+            self.log.log(0, evals)
         for step in bar:
             metrics = self.step(step)
             done = step + 1
             if t.eval_steps and (done % t.eval_steps == 0 or done == self.total_steps):
-                evals = self._evaluate(done) or evals
+                evals = self._evaluate() or evals
+                metrics.update(evals)
             self.log.log(done, metrics)
             bar.set_postfix({k: f"{v:.3g}" for k, v in (
                 ("reward", metrics["reward/mean"]), ("acc", evals.get("eval/accuracy", metrics.get("accuracy"))),
@@ -208,6 +213,7 @@ class OnlineRun:
 
     def close(self) -> None:
         self.log.close()
+        self._audit.close()
         for part in (self.broadcaster, self.rewards):
             part.close()
         self.rollouts.shutdown()

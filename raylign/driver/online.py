@@ -37,6 +37,7 @@ from raylign.rollout.engine import EngineSpec
 from raylign.rollout.group import RolloutGroup
 from raylign.rollout.worker import WorkerResources
 from raylign.sync.broadcaster import WeightBroadcaster
+from raylign.sync.transports import SyncError
 
 logger = logging.getLogger(__name__)
 
@@ -87,14 +88,15 @@ class OnlineRun:
         self.rollouts = build_rollouts(cfg)
         self.rewards = build_rewards(cfg)
         self.broadcaster = WeightBroadcaster(self.learners, self.rollouts, cfg.sync,
-                                             trainable_only=cfg.model.freeze_vision_tower)
+                                             trainable_only=cfg.model.freeze_vision_tower or cfg.model.lora.r > 0)
         self.sampler = PromptSampler(len(self.train_ds), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.start_step = 0
         self.last_checkpoint: Path | None = None
         if self.resume_from is not None:
             self._restore(self.resume_from)
         self.pipeline = RolloutPipeline(self.rollouts, self.rewards, self.train_ds, self.sampler, g,
-                                        self.total_steps, seed=cfg.seed, num_iterations=g.num_iterations)
+                                        self.total_steps, seed=cfg.seed, num_iterations=g.num_iterations,
+                                        sync_workers=self._sync_new_workers)
         # Which prompts each step trained on: the exactly-once record across failures and restarts.
         self._audit = open(self.run_dir / "prompts.jsonl", "a" if self.resume_from else "w", buffering=1)
         self.log = MetricsLogger(self.run_dir, cfg.logging.report_to, config=None, project=cfg.logging.project,
@@ -122,6 +124,13 @@ class OnlineRun:
             for old in done[:-limit]:
                 shutil.rmtree(old)
         return path
+
+    def _sync_new_workers(self, worker_ids: list[str]) -> None:
+        """Give replaced rollout workers the current weights; one that dies too is retried next time."""
+        try:
+            self.broadcaster.sync_workers(worker_ids)
+        except SyncError as err:
+            logger.warning("syncing replaced rollout workers %s: %s", worker_ids, err)
 
     # ------------------------------------------------------------------ one step
 
@@ -156,7 +165,11 @@ class OnlineRun:
             self.sampler.done(grp.rollout.request.uid)
         uids = [grp.rollout.request.uid for grp in got.groups]
         self._audit.write(json.dumps({"step": step + 1, "uids": uids}) + "\n")
-        sync = self.broadcaster.broadcast(self.learners.step)
+        try:
+            sync = self.broadcaster.broadcast(self.learners.step)
+        except SyncError as err:  # the dead receiver is replaced; it is synced before it gets work
+            logger.warning("weight sync: %s", err)
+            sync = {"sync/failed": 1.0}
         self.pipeline.fill(step + 1)  # the new weights open the next step's staleness window
         t3 = time.perf_counter()
         tokens = sum(len(s.completion_ids) for s in samples)
@@ -212,12 +225,15 @@ class OnlineRun:
         return self.run_dir
 
     def close(self) -> None:
+        """Stop every part; a part that already died is logged and the others still stop."""
         self.log.close()
         self._audit.close()
-        for part in (self.broadcaster, self.rewards):
-            part.close()
-        self.rollouts.shutdown()
-        self.learners.shutdown()
+        for name, stop in (("broadcaster", self.broadcaster.close), ("rewards", self.rewards.close),
+                           ("rollouts", self.rollouts.shutdown), ("learners", self.learners.shutdown)):
+            try:
+                stop()
+            except ray.exceptions.RayError as err:
+                logger.warning("shutting down %s: %s", name, err)
 
 
 def run(cfg: RaylignConfig) -> Path:

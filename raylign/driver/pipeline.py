@@ -15,6 +15,7 @@ groups included, so it never stalls.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from raylign.config import GRPOConfig
@@ -47,11 +48,14 @@ class RolloutPipeline:
         g: the grpo section; ``prompts_per_step``, ``num_generations``, ``max_staleness``, dynamic sampling.
         total_steps: no prompt is submitted for steps past the end of the run.
         seed: seeds every prompt's sampling (``None``: engine-chosen seeds).
+        sync_workers: called with the ids of replaced rollout workers that still need weights.
     """
 
     def __init__(self, rollouts, rewards, dataset: VLMDataset, sampler: PromptSampler, g: GRPOConfig,
-                 total_steps: int, seed: int | None, num_iterations: int = 1):
+                 total_steps: int, seed: int | None, num_iterations: int = 1,
+                 sync_workers: Callable[[list[str]], object] | None = None):
         self.rollouts, self.rewards, self.dataset, self.sampler, self.g = rollouts, rewards, dataset, sampler, g
+        self.sync_workers = sync_workers  # brings replacement workers to the current weights
         self.total_steps = total_steps
         self.seed = seed
         self.num_iterations = num_iterations
@@ -80,7 +84,10 @@ class RolloutPipeline:
 
     def _collect(self, needed: set[str]) -> None:
         while not needed.issubset(self._ready):
-            for rollout in self.rollouts.wait(num=1):
+            stale = self.rollouts.workers_needing_sync()
+            if stale and self.sync_workers is not None:  # a replaced worker gets no work until synced
+                self.sync_workers(stale)
+            for rollout in self.rollouts.wait(timeout=1.0, num=1):
                 self._ready[rollout.request.uid] = rollout
 
     def next_batch(self, step: int) -> StepBatch:

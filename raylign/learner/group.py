@@ -126,6 +126,11 @@ class LearnerGroup:
         """The in-process ``Learner`` when ``num_learners == 0``, else None."""
         return self._local.learner if self._local is not None else None
 
+    @property
+    def local_worker(self) -> LearnerWorker | None:
+        """The in-process ``LearnerWorker`` when ``num_learners == 0`` (the weight sync drives it), else None."""
+        return self._local
+
     def _all(
         self, method: Callable[[Any], Any], per_rank_args: Sequence[tuple] | None = None, *args: Any
     ) -> list[Any]:

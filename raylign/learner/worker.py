@@ -20,6 +20,9 @@ from raylign.learner.distributed import free_port, shutdown_process_group
 from raylign.learner.learner import Learner
 from raylign.learner.objectives import Objective
 from raylign.protocol import UpdateResult
+from raylign.sync.buckets import WeightLayout
+from raylign.sync.collective import GroupSpec
+from raylign.sync.endpoints import SenderEndpoint, put_buckets
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -32,6 +35,7 @@ class LearnerWorker:
             torch.set_num_threads(num_threads)  # one actor's share of the node's cores
         self.learner: Learner | None = None
         self.objective: Objective | None = None
+        self.weight_sender = SenderEndpoint()  # weight sync to the rollout engines (raylign.sync)
 
     def address(self) -> str:
         """``tcp://<this node's IP>:<free port>``: the rendezvous point when this is rank 0."""
@@ -95,6 +99,41 @@ class LearnerWorker:
             [(n, t.cpu()) for n, t in b] for b in learner.iter_weight_buckets(bucket_mb, trainable_only)
         ]
         return buckets if learner.rank == 0 else []
+
+    # ---- weight sync (driven by raylign.sync.group; see raylign.sync.endpoints)
+
+    def weight_layout(self, bucket_mb: float, trainable_only: bool) -> WeightLayout:
+        """Names, shapes and dtypes of every bucket ``send_weights`` will send (nothing is gathered)."""
+        return self.weight_sender.layout(self._learner(), bucket_mb, trainable_only)
+
+    def open_weight_store(self, timeout_s: float) -> tuple[str, int]:
+        """Rank 0: start a sync group's rendezvous store here; returns ``(node ip, port)``."""
+        import ray
+
+        return ray.util.get_node_ip_address(), self.weight_sender.open_store(timeout_s)
+
+    def join_weight_group(self, spec: GroupSpec) -> None:
+        """Rank 0: join sync group ``spec`` as its sender (returns once every engine has joined)."""
+        import ray
+
+        self.weight_sender.join(spec, ray.util.get_node_ip_address())
+
+    def send_weights(self, tag: str, layout: WeightLayout, bucket_mb: float, trainable_only: bool) -> int:
+        """Broadcast the weights to sync group ``tag`` (rank 0); every rank must call it under ZeRO-3."""
+        return self.weight_sender.send(self._learner(), tag, layout, bucket_mb, trainable_only)
+
+    def put_weights(self, bucket_mb: float, trainable_only: bool) -> list[tuple[Any, int]]:
+        """Rank 0: each bucket packed and put in the object store, as ``(ObjectRef, bytes)``; [] elsewhere.
+
+        Every rank must call it under ZeRO-3 (see ``raylign.sync.endpoints.put_buckets``).
+        """
+        import ray
+
+        return put_buckets(self._learner(), bucket_mb, trainable_only, ray.put)
+
+    def leave_weight_group(self) -> None:
+        """Drop this process's sync group, if any."""
+        self.weight_sender.leave()
 
     def save(self, directory: str, data_state: dict[str, Any] | None) -> str:
         return str(checkpoint.save(self._learner(), Path(directory), data_state))

@@ -15,6 +15,10 @@ import ray
 
 from raylign.protocol import Rollout, RolloutRequest
 from raylign.rollout.engine import EngineSpec, NamedTensors, make_engine
+from raylign.rollout.hf import TransformersEngine
+from raylign.sync.buckets import WeightLayout
+from raylign.sync.collective import GroupSpec
+from raylign.sync.endpoints import ReceiverEndpoint, unpack_put
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class RolloutWorker:
     def __init__(self, spec: EngineSpec, worker_id: str):
         self.worker_id = worker_id
         self.engine = make_engine(spec)
+        self.weight_receiver = ReceiverEndpoint()  # weight sync from the learner (raylign.sync)
 
     def generate(self, requests: Sequence[RolloutRequest]) -> list[Rollout]:
         return [replace(r, worker=self.worker_id) for r in self.engine.generate(requests)]
@@ -53,6 +58,34 @@ class RolloutWorker:
 
     def model_fingerprint(self) -> float:
         return self.engine.model_fingerprint()
+
+    # ---- weight sync (driven by raylign.sync.group; see raylign.sync.endpoints)
+
+    def join_weight_group(self, spec: GroupSpec, rank: int) -> None:
+        """Join sync group ``spec`` as ``rank`` (returns once every member has joined)."""
+        self.weight_receiver.join(spec, rank, ray.util.get_node_ip_address())
+
+    def receive_weights(self, tag: str, layout: WeightLayout, version: int) -> int:
+        """Receive one whole sync over group ``tag`` into the engine, then take ``version``; returns the version.
+
+        Engines other than the transformers one get tensors of their own (vLLM pickles them to its
+        workers, and a pickled view would carry the whole bucket buffer).
+        """
+        copy = not isinstance(self.engine, TransformersEngine)
+        self.weight_receiver.receive(tag, layout, self.engine.load_weights, self.engine.set_version, version, copy)
+        return self.engine.version
+
+    def load_weight_refs(self, refs: Sequence[ray.ObjectRef], version: int) -> int:
+        """Load buckets put by ``LearnerWorker.put_weights`` one at a time, then take ``version``; returns the version."""
+        copy = not isinstance(self.engine, TransformersEngine)
+        for ref in refs:
+            self.engine.load_weights(unpack_put(ray.get(ref), copy))
+        self.engine.set_version(version)
+        return self.engine.version
+
+    def leave_weight_group(self) -> None:
+        """Drop this process's sync group, if any."""
+        self.weight_receiver.leave()
 
     def ping(self) -> dict:
         """Liveness and identity: worker id, weights version, process id."""

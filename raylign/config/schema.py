@@ -253,7 +253,12 @@ class SyncConfig:
         "auto", "'auto' = inprocess when colocated in one process, else collective."
     )
     bucket_mb: float = _f(64.0, "Size of each broadcast bucket in MiB.", gt=0)
-    timeout_s: float = _f(120.0, "Give up on a sync after this many seconds.", gt=0)
+    timeout_s: float = _f(
+        120.0,
+        "Limit on each phase of a sync (engine readiness, group build, transfer); a receiver past it is "
+        "named in a SyncError and replaced.",
+        gt=0,
+    )
 
 
 @dataclass(frozen=True)

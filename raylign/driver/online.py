@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 from tqdm.auto import tqdm
 
-from raylign.config import RaylignConfig, save_config
+from raylign.config import RaylignConfig, config_to_dict, save_config
 from raylign.driver import common
 from raylign.driver.batching import batch_metrics, sample_rows, train_samples
 from raylign.driver.evaluate import evaluate
@@ -99,8 +99,9 @@ class OnlineRun:
                                         sync_workers=self._sync_new_workers)
         # Which prompts each step trained on: the exactly-once record across failures and restarts.
         self._audit = open(self.run_dir / "prompts.jsonl", "a" if self.resume_from else "w", buffering=1)
-        self.log = MetricsLogger(self.run_dir, cfg.logging.report_to, config=None, project=cfg.logging.project,
-                                 run_name=cfg.run_name, resume=self.resume_from is not None)
+        self.log = MetricsLogger(self.run_dir, cfg.logging.report_to, config=config_to_dict(cfg),
+                                 project=cfg.logging.project, run_name=cfg.run_name,
+                                 resume=self.resume_from is not None)
 
     # ------------------------------------------------------------------ checkpoints
 

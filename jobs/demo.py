@@ -63,12 +63,13 @@ def main() -> int:
     started = time.time()
 
     model = make_tiny_model(args.family, out / f"tiny-{args.family}")
-    data = make_dataset("color", 1200, out / "data", seed=0, kind="all")
-    print(f"[demo] tiny model: {model}\n[demo] data: {data}", flush=True)
+    demos = make_dataset("color", 600, out / "data-sft", seed=0, kind="sft")
+    prompts = make_dataset("color", 600, out / "data-rl", seed=1, kind="prompt")  # images SFT never saw
+    print(f"[demo] tiny model: {model}\n[demo] data: {demos}, {prompts}", flush=True)
 
     from raylign.driver import offline, online
 
-    sft_cfg = load_config(None, [f"--model.name_or_path={model}", f"--data.train={data / 'sft.parquet'}",
+    sft_cfg = load_config(None, [f"--model.name_or_path={model}", f"--data.train={demos / 'sft.parquet'}",
                                  f"--output_dir={out}", "--run_name=sft", f"--train.max_steps={args.sft_steps}",
                                  *SFT], method="sft")
     sft_dir = offline.run(sft_cfg)
@@ -76,7 +77,7 @@ def main() -> int:
     print(f"[demo] SFT warm-up done: {warm}", flush=True)
 
     steps = [f"--train.max_steps={args.grpo_steps}"]
-    grpo_cfg = load_config(None, [f"--model.name_or_path={warm}", f"--data.train={data / 'prompt.parquet'}",
+    grpo_cfg = load_config(None, [f"--model.name_or_path={warm}", f"--data.train={prompts / 'prompt.parquet'}",
                                   f"--output_dir={out}", "--run_name=grpo", *GRPO, *steps], method="grpo")
     grpo_dir = online.run(grpo_cfg)
 

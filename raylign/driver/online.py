@@ -135,15 +135,24 @@ class OnlineRun:
 
     # ------------------------------------------------------------------ one step
 
+    def _learner_failed(self, err: Exception) -> LearnerFailed:
+        return LearnerFailed(
+            f"a learner died ({type(err).__name__}); last checkpoint: {self.last_checkpoint or 'none'}. "
+            f"Resume with: {common.resume_command(self.cfg, self.last_checkpoint)}"
+        )
+
+    def _version(self) -> int:
+        """The learners' policy version (optimizer steps taken)."""
+        try:
+            return self.learners.step
+        except ray.exceptions.RayActorError as err:
+            raise self._learner_failed(err) from err
+
     def _update(self, batch: TrainBatch) -> list[UpdateResult]:
         try:
             return [self.learners.update(batch, self.objective) for _ in range(self.cfg.grpo.num_iterations)]
         except ray.exceptions.RayActorError as err:
-            raise LearnerFailed(
-                f"a learner died during the update ({type(err).__name__}); last checkpoint: "
-                f"{self.last_checkpoint or 'none'}. Resume with: "
-                f"{common.resume_command(self.cfg, self.last_checkpoint)}"
-            ) from err
+            raise self._learner_failed(err) from err
 
     def _train_overlapped(self, batch: TrainBatch) -> list[UpdateResult]:
         """Run the update in a helper thread while this thread keeps the rollout workers fed."""
@@ -156,7 +165,7 @@ class OnlineRun:
 
     def step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        version = self.learners.step
+        version = self._version()
         got: StepBatch = self.pipeline.next_batch(step)
         samples = train_samples(got.groups, self.cfg.grpo)
         t1 = time.perf_counter()
@@ -167,7 +176,7 @@ class OnlineRun:
         uids = [grp.rollout.request.uid for grp in got.groups]
         self._audit.write(json.dumps({"step": step + 1, "uids": uids}) + "\n")
         try:
-            sync = self.broadcaster.broadcast(self.learners.step)
+            sync = self.broadcaster.broadcast(self._version())
         except SyncError as err:  # the dead receiver is replaced; it is synced before it gets work
             logger.warning("weight sync: %s", err)
             sync = {"sync/failed": 1.0}

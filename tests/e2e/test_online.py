@@ -1,10 +1,11 @@
 """The online driver end to end on CPU: learning, staleness, failures and exact resume.
 
-Every run starts from the same short SFT warm-up of the tiny LLaVA on the colour task (60 steps: it
-learns the answer format, and greedy held-out accuracy is about 0.55), then runs GRPO/GSPO with the
-format and math-verify accuracy rewards on real Ray actors: rollout workers, reward workers, learners.
-Measured while building this (temperature 0.7, lr 5e-4, 8 prompts x 8 samples): held-out accuracy
-0.56 -> 1.0 after 40 GRPO steps, train reward 1.42 -> 1.72 (of 2).
+Every run starts from the same short SFT warm-up of the tiny LLaVA on the colour task (45 steps: it
+learns the answer format, greedy accuracy on prompts it never saw is about 0.3), then runs GRPO/GSPO
+with the format and math-verify accuracy rewards on real Ray actors: rollout workers, reward workers,
+learners. Measured while building this (temperature 0.7, lr 5e-4, 8 prompts x 8 samples, 40 steps):
+GRPO held-out accuracy 0.33 -> 0.55, train reward 0.70 -> 1.02 (of 2); from a 60-step warm start
+0.875 -> 1.0.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from raylign.driver import offline
 from raylign.driver.metrics import read_metrics
 from raylign.driver.online import LearnerFailed, OnlineRun, run
 
-WARMUP_STEPS = 60
+WARMUP_STEPS = 45
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +39,16 @@ def ray_local():
 def task(tmp_path_factory, tiny_llava_dir):
     """(warm-started model dir, prompt parquet): SFT on the colour task, stopped early on purpose."""
     root = tmp_path_factory.mktemp("online")
-    data = make_dataset("color", 600, root / "data", seed=0, kind="all")
+    demos = make_dataset("color", 600, root / "sft", seed=0, kind="sft")
+    prompts = make_dataset("color", 600, root / "prompts", seed=1, kind="prompt")  # images SFT never saw
     cfg = config_from_dict({
         "method": "sft", "model": {"name_or_path": str(tiny_llava_dir)},
-        "data": {"train": str(data / "sft.parquet")}, "output_dir": str(root), "run_name": "warm",
+        "data": {"train": str(demos / "sft.parquet")}, "output_dir": str(root), "run_name": "warm",
         "train": {"learning_rate": 3e-3, "per_device_train_batch_size": 16, "max_steps": WARMUP_STEPS},
         "learner": {"num_learners": 0}, "logging": {"report_to": ["none"], "progress_bar": False},
     })
     warm = offline.run(cfg) / "checkpoints" / f"step_{WARMUP_STEPS}"
-    return warm, data / "prompt.parquet"
+    return warm, prompts / "prompt.parquet"
 
 
 def grpo_config(task, tmp_path: Path, name: str, **sections) -> dict:
@@ -91,7 +93,8 @@ def test_online_raises_held_out_accuracy(ray_local, task, tmp_path, method):
     rewards = [r["reward/mean"] for r in rows[1:]]
     print(f"{method}: held-out accuracy {before:.3f} -> {after:.3f}; train reward "
           f"{sum(rewards[:4]) / 4:.3f} -> {sum(rewards[-4:]) / 4:.3f}")
-    assert after >= before + 0.15
+    # clearly better: +0.15, or half of the remaining errors fixed when the warm start is already good
+    assert after >= min(before + 0.15, before + 0.5 * (1 - before))
     assert sum(rewards[-4:]) > sum(rewards[:4])
     assert max(r["staleness/max"] for r in rows[1:]) <= 1
 

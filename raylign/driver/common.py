@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 
 import ray
@@ -129,3 +130,16 @@ def num_steps(cfg: RaylignConfig, rows: int, rows_per_step: int) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     return max(1, math.ceil(cfg.train.num_train_epochs * rows / rows_per_step))
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest complete checkpoints of ``run_dir``; returns the deleted ones."""
+    root = run_dir / "checkpoints"
+    done = sorted(
+        (p for p in root.glob("step_*") if _STEP_DIR.match(p.name) and (p / "COMPLETE").exists()),
+        key=lambda p: int(p.name.split("_")[1]),
+    )
+    old = done[:-keep] if keep > 0 else done
+    for path in old:
+        shutil.rmtree(path)
+    return old

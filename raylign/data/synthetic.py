@@ -57,6 +57,7 @@ class Example:
     answer: str  # the verifiable solution
     wrong: str  # a plausible wrong answer (the rejected side of a preference pair)
     reasoning: str  # the <think> text of the demonstration: short, so the answer tokens weigh in SFT
+    wrong_reasoning: str = ""  # the <think> text that goes with ``wrong`` (default: reasoning with the answer swapped)
 
 
 def format_answer(reasoning: str, answer: str) -> str:
@@ -93,8 +94,8 @@ def _color(rng: random.Random) -> Example:
         cx, cy = rng.choice([0, width - small]), rng.choice([0, height - small])
         _shape(draw, rng.choice(SHAPES), (cx, cy, cx + small, cy + small), COLORS[rng.choice(others)])
     code = {c: str(i) for i, c in enumerate(COLORS, start=1)}
-    wrong = code[rng.choice(others)]
-    return Example(image, COLOR_QUESTION, code[name], wrong, f"it is {name}")
+    wrong = rng.choice(others)
+    return Example(image, COLOR_QUESTION, code[name], code[wrong], f"it is {name}", f"it is {wrong}")
 
 
 def _count(rng: random.Random) -> Example:
@@ -130,7 +131,8 @@ def _compare(rng: random.Random) -> Example:
         _shape(draw, rng.choice(SHAPES), (x0, y0, x0 + s, y0 + s), COLORS[rng.choice(list(COLORS))])
     code = {"left": "1", "right": "2"}
     wrong = "right" if answer == "left" else "left"
-    return Example(image, COMPARE_QUESTION, code[answer], code[wrong], f"the {answer} one is bigger")
+    return Example(image, COMPARE_QUESTION, code[answer], code[wrong], f"the {answer} one is bigger",
+                   f"the {wrong} one is bigger")
 
 
 def _digit(rng: random.Random) -> Example:
@@ -188,7 +190,7 @@ def _rows(ex: Example, png: bytes, task: str) -> dict[str, dict]:
     common = {"images": [{"bytes": png, "path": None}], "solution": ex.answer, "task": task}
     user = _user_turn(ex.question)
     right = format_answer(ex.reasoning, ex.answer)
-    wrong = format_answer(ex.reasoning.replace(ex.answer, ex.wrong), ex.wrong)
+    wrong = format_answer(ex.wrong_reasoning or ex.reasoning.replace(ex.answer, ex.wrong), ex.wrong)
     return {
         "prompt": {"prompt": [user], **common},
         "sft": {

@@ -129,3 +129,15 @@ def test_20k_rows_generate_fast_and_stream_in_bounded_memory(tmp_path):
     assert generate_s < 30
     assert decoded_mb > 150
     assert peak - before < 64
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_rejected_reasoning_agrees_with_its_wrong_answer(task, tmp_path):
+    """The pair differs in what it says about the image, so preference learning has to look at it."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(make_dataset(task, 20, tmp_path, seed=0, kind="preference") / "preference.parquet").to_pylist()
+    for row in rows:
+        chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+        think = lambda text: text.split("</think>")[0]  # noqa: E731
+        assert think(chosen) != think(rejected)

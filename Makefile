@@ -11,7 +11,7 @@ export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-fast bench docs lint clean
+.PHONY: demo test test-fast bench docs clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(VENV)/bin/raylign bench --quick --out bench_out
 
 docs: $(STAMP)
-	$(VENV)/bin/raylign config-docs > docs/config.md
+	$(PY) docs/gen_docs.py
 
 clean:
 	rm -rf $(VENV) runs bench_out .pytest_cache

@@ -227,7 +227,12 @@ class RolloutConfig:
     gpu_memory_utilization: float = _f(0.5, "Fraction of GPU memory vLLM may take.", gt=0, le=1)
     max_model_len: int | None = _f(None, "vLLM context length; None = prompt + completion limits.", ge=1)
     enable_sleep_mode: bool = _f(False, "Let vLLM free its GPU memory while the learner trains.")
-    colocate: bool = _f(False, "Share GPUs with the learners instead of using separate ones.")
+    colocate: bool = _f(
+        False,
+        "Engines share devices with the learners and sleep (release memory) during each update; give both "
+        "fractional GPUs (e.g. learner.num_gpus_per_learner: 0.5, rollout.num_gpus_per_worker: 0.5) so Ray "
+        "packs one of each per GPU.",
+    )
     engine_kwargs: dict[str, Any] = _f(
         {}, "Extra keyword arguments for the engine constructor, e.g. model_impl."
     )

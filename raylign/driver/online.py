@@ -169,7 +169,15 @@ class OnlineRun:
         got: StepBatch = self.pipeline.next_batch(step)
         samples = train_samples(got.groups, self.cfg.grpo)
         t1 = time.perf_counter()
-        results = self._train_overlapped(TrainBatch(tuple(samples), version))
+        batch = TrainBatch(tuple(samples), version)
+        if self.cfg.rollout.colocate:  # engines share the learners' devices: they release them for the update
+            self.rollouts.sleep()
+            try:
+                results = self._update(batch)
+            finally:
+                self.rollouts.wake()
+        else:
+            results = self._train_overlapped(batch)
         t2 = time.perf_counter()
         for grp in got.groups:
             self.sampler.done(grp.rollout.request.uid)

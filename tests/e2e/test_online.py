@@ -108,6 +108,13 @@ def test_staleness_bound_holds_and_overlap_happens(ray_local, task, tmp_path):
     assert max(stale) >= 1  # samples for later steps really were generated ahead of the learner
 
 
+def test_colocated_engines_sleep_through_updates(ray_local, task, tmp_path):
+    cfg = config_from_dict(grpo_config(task, tmp_path, "colocate", train={"max_steps": 2},
+                                       rollout={"colocate": True}, grpo={"max_staleness": 1}))
+    rows = read_metrics(run(cfg))
+    assert [r["step"] for r in rows] == [1, 2] and all(r["sync/version"] == r["step"] for r in rows)
+
+
 def test_staleness_zero_equals_a_synchronous_loop(ray_local, task, tmp_path):
     """max_staleness 0 through actors == the plain synchronous algorithm written out by hand."""
     from raylign.driver.batching import make_request, request_seed, sampling_params, train_samples

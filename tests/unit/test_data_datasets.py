@@ -37,7 +37,7 @@ def test_parquet_kinds_and_lazy_images(synthetic_dir, tmp_path):
     assert isinstance(prompt.hf.features["images"].feature, datasets.Image)  # stored encoded, decoded on read
     assert prompt.extra_columns == ["solution", "task"] and len(prompt) == 40
     row = prompt[5]
-    assert row["images"][0].mode == "RGB" and row["solution"] in ("left", "right")
+    assert row["images"][0].mode == "RGB" and row["solution"] in ("1", "2")
     assert [r["solution"] for r in prompt.rows([5, 6])] == [row["solution"], prompt[6]["solution"]]
     batches = list(prompt.iter_batches(16))
     assert [len(b) for b in batches] == [16, 16, 8]

@@ -56,7 +56,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--family", default="llava", choices=["llava", "qwen2_5_vl"])
-    parser.add_argument("--sft-steps", type=int, default=60)
+    parser.add_argument("--sft-steps", type=int, default=45)
     parser.add_argument("--grpo-steps", type=int, default=40)
     args = parser.parse_args()
     out = Path(args.out)

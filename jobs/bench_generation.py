@@ -131,7 +131,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
+    parser.add_argument("--json", type=Path, default=None, help="write `raylign bench` rows here")
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats (for `raylign bench --quick`)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.max_tokens, args.repeats = min(args.max_tokens, 32), min(args.repeats, 3)
+        args.threads = args.threads or 1  # steadier on a shared machine, like the other benchmarks
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_benchmark(
@@ -147,7 +152,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json is not None:
+        args.json.write_text(json.dumps(bench_rows(result)) + "\n")
     return result
+
+
+def bench_rows(result: dict) -> list[dict]:
+    """The result as rows of the `raylign bench` table (raylign/bench.py)."""
+    setup = (f"{result['model']}, {result['batch_prompts']} prompts x {result['n']}, {result['max_tokens']} tokens, "
+             f"median of {result['repeats']}, {result['threads']} thread(s); per CPU-second ratio "
+             f"{result['engine_over_plain_cpu']:.2f}")
+    return [{"benchmark": "generation", "metric": "generate tokens/s", "raylign": result["engine_tokens_per_s"],
+             "baseline": result["plain_tokens_per_s"], "baseline_name": "model.generate (same model, batch)",
+             "ratio": result["engine_over_plain"], "notes": setup}]
 
 
 if __name__ == "__main__":

@@ -135,6 +135,31 @@ class OnlineRun:
 
     # ------------------------------------------------------------------ one step
 
+    def scale_rollouts(self, num_workers: int) -> None:
+        """Grow or shrink the rollout workers while the run goes on (new ones get weights before work)."""
+        if self.rollouts.local is not None:
+            raise ValueError("rollout.num_workers=0 runs the engine in the driver: there is nothing to scale")
+        if num_workers < 1:
+            raise ValueError(f"a run needs at least 1 rollout worker, asked for {num_workers}")
+        current = self.rollouts.num_workers
+        if num_workers > current:
+            self.rollouts.add_workers(num_workers - current)
+            self._sync_new_workers(self.rollouts.workers_needing_sync())
+        elif num_workers < current:
+            self.rollouts.remove_workers(current - num_workers)
+        logger.info("rollout workers: %d -> %d", current, num_workers)
+
+    def _requested_rollout_workers(self) -> int | None:
+        """``echo 4 > RUN_DIR/rollout_workers`` asks a running job for 4 rollout workers."""
+        path = self.run_dir / "rollout_workers"
+        if not path.is_file():
+            return None
+        text = path.read_text().strip()
+        if not text.isdigit():
+            logger.warning("%s: expected a whole number of workers, found %r; ignored", path, text)
+            return None
+        return int(text)
+
     def _learner_failed(self, err: Exception) -> LearnerFailed:
         return LearnerFailed(
             f"a learner died ({type(err).__name__}); last checkpoint: {self.last_checkpoint or 'none'}. "
@@ -229,6 +254,9 @@ class OnlineRun:
             evals = self._evaluate()
             self.log.log(0, evals)
         for step in bar:
+            wanted = self._requested_rollout_workers()
+            if wanted is not None and wanted != self.rollouts.num_workers and self.rollouts.local is None:
+                self.scale_rollouts(wanted)
             metrics = self.step(step)
             done = step + 1
             if t.eval_steps and (done % t.eval_steps == 0 or done == self.total_steps):

@@ -108,6 +108,25 @@ def test_staleness_bound_holds_and_overlap_happens(ray_local, task, tmp_path):
     assert max(stale) >= 1  # samples for later steps really were generated ahead of the learner
 
 
+def test_rollout_workers_scale_up_and_down_during_the_run(ray_local, task, tmp_path):
+    cfg = config_from_dict(grpo_config(task, tmp_path, "scale", train={"max_steps": 4}, grpo={"max_staleness": 1}))
+    job = OnlineRun(cfg)
+    try:
+        job.step(0)
+        job.scale_rollouts(3)
+        assert job.rollouts.num_workers == 3 and not job.rollouts.workers_needing_sync()
+        job.step(1)
+        (cfg.run_dir / "rollout_workers").write_text("1\n")  # what a user does to a running job
+        job.scale_rollouts(job._requested_rollout_workers())
+        job.step(2)
+        job.step(3)
+        assert job.rollouts.num_workers == 1
+    finally:
+        job.close()
+    uids = [u for step_uids in trained_uids(cfg.run_dir).values() for u in step_uids]
+    assert len(uids) == 4 * 8 and max(Counter(uids).values()) == 1
+
+
 def test_colocated_engines_sleep_through_updates(ray_local, task, tmp_path):
     cfg = config_from_dict(grpo_config(task, tmp_path, "colocate", train={"max_steps": 2},
                                        rollout={"colocate": True}, grpo={"max_staleness": 1}))
@@ -143,7 +162,8 @@ def test_staleness_zero_equals_a_synchronous_loop(ray_local, task, tmp_path):
         for step in range(3):
             taken = [sampler.take() for _ in range(cfg.grpo.prompts_per_step)]
             rows = train_ds.rows([r for _, r in taken])
-            requests = [make_request(uid, row, sampling_params(cfg.grpo), cfg.seed) for (uid, _), row in zip(taken, rows)]
+            params = sampling_params(cfg.grpo)
+            requests = [make_request(uid, row, params, cfg.seed) for (uid, _), row in zip(taken, rows)]
             assert requests[0].sampling.seed == request_seed(cfg.seed, taken[0][0])
             groups = [rewards.score(r) for r in engine.generate(requests)]
             result = learners.update(TrainBatch(tuple(train_samples(groups, cfg.grpo)), step), objective)

@@ -35,6 +35,25 @@ _PRESETS: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {
 }
 
 
+# `preset: tiny`: any recipe on a laptop CPU (the driver builds `tiny:` models and `synthetic:` data).
+TINY_PRESET: dict[str, Any] = {
+    "model.name_or_path": "tiny:llava", "model.dtype": "auto", "model.gradient_checkpointing": False,
+    "model.attn_implementation": "sdpa",
+    "data.train": "synthetic:color", "data.eval": None, "data.eval_split_size": 16,
+    "train.max_steps": 10, "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 1,
+    "train.learning_rate": 5e-4, "train.eval_steps": 0,
+    "learner.num_learners": 1, "learner.zero_stage": 2, "learner.precision": "auto", "learner.backend": "auto",
+    "learner.num_gpus_per_learner": None, "learner.offload_optimizer": False, "learner.offload_param": False,
+    "learner.resources": {},
+    "rollout.engine": "transformers", "rollout.num_workers": 1, "rollout.num_gpus_per_worker": None,
+    "rollout.tensor_parallel_size": 1, "rollout.enable_sleep_mode": False, "rollout.colocate": False,
+    "rollout.max_model_len": None, "rollout.engine_kwargs": {}, "rollout.resources": {},
+    "reward.num_workers": 0,
+    "grpo.prompts_per_step": 4, "grpo.num_generations": 4, "grpo.max_completion_length": 32,
+    "logging.report_to": ["tensorboard"],
+}
+
+
 class _Loader(yaml.SafeLoader):
     """yaml.SafeLoader that also reads `1e-5` as a float (YAML 1.1 wants `1.0e-5`)."""
 
@@ -250,6 +269,9 @@ def load_config(
     parsed = parse_overrides(overrides)
     if method is not None and parsed.get("method", method) != method:
         raise ConfigError(f"method: --method={parsed['method']} contradicts the `{method}` command")
+    if parsed.get("preset", tree.get("preset")) == "tiny":  # over the file, under the command line
+        for key, value in TINY_PRESET.items():
+            _set_dotted(tree, key, copy.deepcopy(value))
     for key, value in parsed.items():
         _set_dotted(tree, key, value)
     if method is not None:  # the subcommand wins over the file's method

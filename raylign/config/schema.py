@@ -286,6 +286,12 @@ class RaylignConfig:
     run_name: str | None = _f(None, "Run directory name under output_dir; None = '<method>-<timestamp>'.")
     seed: int = _f(42, "Seed for data order, sampling and init.", ge=0, lt=2**32)
     ray_address: str | None = _f(None, "None = start Ray in-process; 'auto' = join the running cluster.")
+    preset: Literal["none", "tiny"] = _f(
+        "none",
+        "'tiny' runs any recipe on a laptop CPU: a tiny random LLaVA and the synthetic colour task (both "
+        "built offline under output_dir/.tiny on first use), transformers engine, small batches, 10 steps. "
+        "Applied over the YAML file; command-line keys still win.",
+    )
     train: TrainConfig = _section(TrainConfig)
     learner: LearnerConfig = _section(LearnerConfig)
     sft: SFTConfig = _section(SFTConfig)

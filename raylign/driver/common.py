@@ -5,6 +5,7 @@ Shared by the offline (SFT/DPO/MPO) and online (GRPO/GSPO) drivers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -20,6 +21,36 @@ from raylign.data.validate import validate_dataset
 
 logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+TINY, SYNTHETIC = "tiny:", "synthetic:"
+_DATA_FILE = {"sft": "sft", "dpo": "preference", "mpo": "preference", "grpo": "prompt", "gspo": "prompt"}
+
+
+def materialize(cfg: RaylignConfig) -> RaylignConfig:
+    """Build what ``tiny:<family>`` models and ``synthetic:<task>`` data name, once, under ``output_dir/.tiny``.
+
+    What ``preset: tiny`` uses; the returned config names the real directories, so every actor and
+    the saved config.yaml see plain paths.
+    """
+    from raylign.data.synthetic import make_dataset
+    from raylign.models.tiny import make_tiny_model
+
+    root = Path(cfg.output_dir) / ".tiny"
+    model, data = cfg.model, cfg.data
+    if model.name_or_path.startswith(TINY):
+        family = model.name_or_path[len(TINY):]
+        path = root / family
+        if not (path / "config.json").exists():
+            make_tiny_model(family, path)
+        model = dataclasses.replace(model, name_or_path=str(path))
+    if data.train.startswith(SYNTHETIC):
+        task = data.train[len(SYNTHETIC):]
+        path = root / f"data-{task}"
+        if not (path / "prompt.parquet").exists():
+            make_dataset(task, 256, path, seed=0, kind="all")
+        data = dataclasses.replace(data, train=str(path / f"{_DATA_FILE[cfg.method]}.parquet"))
+    return dataclasses.replace(cfg, model=model, data=data)
 
 
 def cpus_wanted(cfg: RaylignConfig) -> float:

@@ -65,6 +65,7 @@ class OfflineRun:
     def __init__(self, cfg: RaylignConfig):
         if cfg.method not in DATA_KINDS:
             raise ValueError(f"the offline driver runs {', '.join(DATA_KINDS)}, not {cfg.method!r}")
+        cfg = common.materialize(cfg)
         self.cfg, self.run_dir = cfg, cfg.run_dir
         self.resume_from = common.resolve_resume(cfg)
         save_config(cfg, self.run_dir)

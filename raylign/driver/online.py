@@ -73,6 +73,7 @@ class OnlineRun:
     """The parts of one GRPO/GSPO run and its loop; ``run(cfg)`` is the entry point."""
 
     def __init__(self, cfg: RaylignConfig):
+        cfg = common.materialize(cfg)
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.resume_from = common.resolve_resume(cfg)

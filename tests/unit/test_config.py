@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -293,3 +294,14 @@ def test_reference_markdown_covers_every_key():
     assert sorted(keys) == sorted(leaves(flat)) and len(keys) > 100
     assert "| `model.name_or_path` | `str` | **required** |" in md
     assert all(row.count(" | ") == 3 for row in rows)  # no unescaped pipe inside a cell
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).resolve().parents[2].glob("jobs/*_qwen2_5_vl_3b.yaml")))
+def test_preset_tiny_turns_any_recipe_into_a_cpu_run_and_the_command_line_still_wins(recipe):
+    method = recipe.name.split("_")[0]
+    cfg = load_config(recipe, ["--preset=tiny", "--train.max_steps=3"], method=method)
+    assert cfg.model.name_or_path == "tiny:llava" and cfg.data.train == "synthetic:color"
+    assert cfg.rollout.engine == "transformers" and cfg.rollout.tensor_parallel_size == 1
+    assert cfg.learner.num_learners == 1 and cfg.learner.num_gpus_per_learner is None
+    assert cfg.train.max_steps == 3  # given on the command line, over the preset's 10
+    assert load_config(recipe, [], method=method).model.name_or_path.startswith("Qwen/")

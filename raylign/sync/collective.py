@@ -223,7 +223,7 @@ def receive_buckets(
             if k + 1 < len(specs):
                 pending = group.start(buffers[(k + 1) % 2][: specs[k + 1].nbytes])
             loaded += load(unpack(buffers[k % 2][: spec.nbytes], spec, copy))
-    except Exception:
+    except Exception:  # close the group so the sender stops at once, then re-raise
         pending = None
         group.close()
         raise

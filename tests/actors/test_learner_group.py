@@ -7,47 +7,18 @@ import time
 import pytest
 import ray
 import torch
+from rows import preference_rows, sft_rows, user_turn
 
 from raylign.config import DPOConfig, LearnerConfig, ModelConfig, SFTConfig, TrainConfig
-from raylign.data.synthetic import format_answer, generate_example
+from raylign.data.synthetic import generate_example
 from raylign.learner.group import LearnerGroup, shard
 from raylign.learner.objectives import PreferenceObjective, SFTObjective
 
 SFT_STEPS, DPO_STEPS, BATCH = 2, 2, 4
 
 
-def _user(question: str) -> dict:
-    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-
-
-def sft_rows(n: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        ex = generate_example("color", i)
-        answer = {
-            "role": "assistant",
-            "content": [{"type": "text", "text": format_answer(ex.reasoning, ex.answer)}],
-        }
-        out.append({"messages": [_user(ex.question), answer], "images": [ex.image]})
-    return out
-
-
-def preference_rows(n: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        ex = generate_example("count", i)
-        out.append(
-            {
-                "prompt": [_user(ex.question)],
-                "chosen": [{"role": "assistant", "content": format_answer(ex.reasoning, ex.answer)}],
-                "rejected": [{"role": "assistant", "content": format_answer("hmm " * (1 + i % 3), ex.wrong)}],
-                "images": [ex.image],
-            }
-        )
-    return out
-
-
-SFT_ROWS, PREF_ROWS = sft_rows(SFT_STEPS * BATCH), preference_rows(DPO_STEPS * BATCH)
+SFT_ROWS = sft_rows(SFT_STEPS * BATCH)
+PREF_ROWS = preference_rows(DPO_STEPS * BATCH, lambda i, ex: "hmm " * (1 + i % 3))
 MPO = DPOConfig(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])
 
 
@@ -111,7 +82,7 @@ def test_two_learners_follow_one(tiny_qwen_dir, tmp_path, baseline, stage, micro
     group.save(tmp_path / "ckpt", {"step": half})
     rest = run(group, range(half, SFT_STEPS + DPO_STEPS))
     _assert_same_trajectory(first + rest, base_metrics)
-    no_answer = {"messages": [_user("what colour?")], "images": [generate_example("color", 0).image]}
+    no_answer = {"messages": [user_turn("what colour?")], "images": [generate_example("color", 0).image]}
     with pytest.raises(ray.exceptions.RayTaskError, match="no assistant turn|another learner failed"):
         group.update(SFT_ROWS[:1] + [no_answer], SFTObjective(SFTConfig()))  # rank 1 fails; neither hangs
     refs = group.sequence_logps(

@@ -6,45 +6,14 @@ import json
 
 import pytest
 import torch
+from rows import preference_rows, sft_rows
 from transformers import AutoModelForImageTextToText
 
 from raylign.config import DPOConfig, LearnerConfig, ModelConfig, SFTConfig, TrainConfig
-from raylign.data.synthetic import format_answer, generate_example
 from raylign.learner import checkpoint
 from raylign.learner.learner import Learner
 from raylign.learner.objectives import PreferenceObjective, SFTObjective
 from raylign.models.loading import load_processor
-
-
-def _user(question: str) -> dict:
-    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-
-
-def sft_rows(n: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        ex = generate_example("color", i)
-        answer = {
-            "role": "assistant",
-            "content": [{"type": "text", "text": format_answer(ex.reasoning, ex.answer)}],
-        }
-        out.append({"messages": [_user(ex.question), answer], "images": [ex.image]})
-    return out
-
-
-def preference_rows(n: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        ex = generate_example("count", i)
-        out.append(
-            {
-                "prompt": [_user(ex.question)],
-                "chosen": [{"role": "assistant", "content": format_answer(ex.reasoning, ex.answer)}],
-                "rejected": [{"role": "assistant", "content": format_answer(ex.reasoning, ex.wrong)}],
-                "images": [ex.image],
-            }
-        )
-    return out
 
 
 def make_learner(path, stage: int) -> Learner:
@@ -60,7 +29,7 @@ def weights(learner: Learner) -> dict[str, torch.Tensor]:
 
 def _steps(learner, objective_sft, objective_dpo, start: int, stop: int) -> list[float]:
     """Alternate SFT and MPO steps (so the bco running mean is part of the resumed state)."""
-    sft, pref = sft_rows(4), preference_rows(4)
+    sft, pref = sft_rows(4), preference_rows(4, lambda i, ex: ex.reasoning)
     losses = []
     for step in range(start, stop):
         if step % 2:

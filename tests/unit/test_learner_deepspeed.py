@@ -7,25 +7,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from rows import sft_rows
 
 from raylign.config import LearnerConfig, ModelConfig, SFTConfig, TrainConfig
-from raylign.data.synthetic import format_answer, generate_example
 from raylign.learner.learner import Learner
 from raylign.learner.objectives import SFTObjective
 from raylign.models.loading import load_model
-
-
-def sft_rows(n: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        ex = generate_example("color", i)
-        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]}
-        answer = {
-            "role": "assistant",
-            "content": [{"type": "text", "text": format_answer(ex.reasoning, ex.answer)}],
-        }
-        out.append({"messages": [user, answer], "images": [ex.image]})
-    return out
 
 
 def make_learner(path, stage: int = 2, steps: int = 10, warmup: int = 0, **model_kw) -> Learner:

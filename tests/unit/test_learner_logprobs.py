@@ -4,25 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rows import sft_rows
 
 from raylign.data.collate import collate_sft
-from raylign.data.synthetic import format_answer, generate_example
 from raylign.learner.logprobs import target_logprobs
 from raylign.learner.model import backbone_and_head
 from raylign.models.loading import load_model, load_processor
-
-
-def _sft_rows(n: int) -> list[dict]:
-    rows = []
-    for i in range(n):
-        ex = generate_example("color", i)
-        user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ex.question}]}
-        answer = {
-            "role": "assistant",
-            "content": [{"type": "text", "text": format_answer(ex.reasoning, ex.answer)}],
-        }
-        rows.append({"messages": [user, answer], "images": [ex.image]})
-    return rows
 
 
 def _reference(model, batch, temperature: float):
@@ -42,7 +29,7 @@ def _reference(model, batch, temperature: float):
 @pytest.fixture(scope="module")
 def model_and_batch(tiny_model_dir):
     model = load_model(tiny_model_dir).eval()
-    batch = collate_sft(load_processor(tiny_model_dir), _sft_rows(3))
+    batch = collate_sft(load_processor(tiny_model_dir), sft_rows(3))
     batch["completion_mask"][1, -5:] = 0  # rows of different target counts exercise the left packing
     return model, batch
 

@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from rows import preference_rows, sft_rows, user_turn
 
 from raylign.algos.grpo import PolicyLossConfig
 from raylign.config import DPOConfig, SFTConfig, config_from_dict
-from raylign.data.synthetic import format_answer, generate_example
+from raylign.data.synthetic import generate_example
 from raylign.learner.logprobs import target_logprobs
 from raylign.learner.model import backbone_and_head
 from raylign.learner.objectives import (
@@ -22,37 +23,6 @@ from raylign.learner.objectives import (
 )
 from raylign.models.loading import load_model, load_processor
 from raylign.protocol import TrainSample
-
-
-def _user(question: str) -> dict:
-    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-
-
-def sft_rows(n: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        ex = generate_example("color", i)
-        answer = {
-            "role": "assistant",
-            "content": [{"type": "text", "text": format_answer(ex.reasoning, ex.answer)}],
-        }
-        out.append({"messages": [_user(ex.question), answer], "images": [ex.image]})
-    return out
-
-
-def preference_rows(n: int) -> list[dict]:
-    out = []
-    for i in range(n):
-        ex = generate_example("count", i)
-        out.append(
-            {
-                "prompt": [_user(ex.question)],
-                "chosen": [{"role": "assistant", "content": format_answer(ex.reasoning, ex.answer)}],
-                "rejected": [{"role": "assistant", "content": format_answer("no idea " * (i + 1), ex.wrong)}],
-                "images": [ex.image],
-            }
-        )
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +88,7 @@ def test_sft_all_tokens_excludes_images_and_position_zero(setup):
 
 def test_preference_split_invariance_and_precomputed_reference(setup):
     model, processor, policy = setup
-    rows = preference_rows(4)
+    rows = preference_rows(4, lambda i, ex: "no idea " * (i + 1))
     cfg = DPOConfig(loss_type=["sigmoid", "ipo", "bco_pair", "sft"], loss_weights=[0.5, 0.1, 0.2, 1.0])
     objective = PreferenceObjective(cfg, bco_running_mean=True, bco_mean=0.3, bco_count=10.0)
     # the reference is the model before a small perturbation, so log-ratios are not all zero
@@ -148,7 +118,7 @@ def test_preference_split_invariance_and_precomputed_reference(setup):
 def test_preference_against_itself_is_log2(setup):
     _, processor, policy = setup
     objective = PreferenceObjective(DPOConfig())  # sigmoid, reference == policy: every margin is 0
-    mb = objective.collate(processor, preference_rows(3))
+    mb = objective.collate(processor, preference_rows(3, lambda i, ex: "no idea " * (i + 1)))
     loss, metrics = objective.loss(mb, policy, policy, objective.counts(mb))
     assert float(loss) == pytest.approx(math.log(2), rel=1e-6)
     assert float(metrics["rewards/margins"]) == pytest.approx(0.0, abs=1e-6)
@@ -174,7 +144,7 @@ def _samples(processor, policy, n: int) -> list[TrainSample]:
     for i in range(n):
         ex = generate_example("digit", i)
         ids = tuple(int(t) for t in torch.randint(10, 200, (3 + 2 * i,), generator=gen))
-        sample = TrainSample(f"p{i // 2}", [_user(ex.question)], (ex.image,), ids, (0.0,) * len(ids), 0.0, 0)
+        sample = TrainSample(f"p{i // 2}", [user_turn(ex.question)], (ex.image,), ids, (0.0,) * len(ids), 0.0, 0)
         samples.append(sample)
     objective = PolicyObjective(PolicyLossConfig())
     with torch.no_grad():

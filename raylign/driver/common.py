@@ -23,6 +23,10 @@ logger = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+class LearnerFailed(RuntimeError):
+    """A learner died: the run stops and says how to resume (both drivers raise it)."""
+
+
 TINY, SYNTHETIC = "tiny:", "synthetic:"
 _DATA_FILE = {"sft": "sft", "dpo": "preference", "mpo": "preference", "grpo": "prompt", "gspo": "prompt"}
 

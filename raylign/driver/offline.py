@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from raylign.config import RaylignConfig, config_to_dict, save_config
 from raylign.data.datasets import VLMDataset
 from raylign.driver import common
+from raylign.driver.common import LearnerFailed
 from raylign.driver.metrics import MetricsLogger
 from raylign.driver.offline_eval import GreedyJudge, OfflineEvaluator, pair_sums, row_logprobs
 from raylign.driver.sampler import PromptSampler
@@ -47,10 +48,6 @@ logger = logging.getLogger(__name__)
 DATA_KINDS = {"sft": "sft", "dpo": "preference", "mpo": "preference"}  # method -> dataset kind
 REF_LOGPS_FILE = "ref_logps.safetensors"  # precomputed reference logprobs, in each checkpoint
 FORWARD_BATCHES = 4  # micro-batches per learner in one forward-only call (bounds driver memory)
-
-
-class LearnerFailed(RuntimeError):
-    """A learner died: the run stops and says how to resume."""
 
 
 def rows_per_step(cfg: RaylignConfig) -> int:

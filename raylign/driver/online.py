@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from raylign.config import RaylignConfig, config_to_dict, save_config
 from raylign.driver import common
 from raylign.driver.batching import batch_metrics, sample_rows, train_samples
+from raylign.driver.common import LearnerFailed
 from raylign.driver.evaluate import evaluate
 from raylign.driver.metrics import MetricsLogger
 from raylign.driver.pipeline import RolloutPipeline, StepBatch
@@ -40,10 +40,6 @@ from raylign.sync.broadcaster import WeightBroadcaster
 from raylign.sync.transports import SyncError
 
 logger = logging.getLogger(__name__)
-
-
-class LearnerFailed(RuntimeError):
-    """A learner died: the run stops and says how to resume."""
 
 
 def build_rollouts(cfg: RaylignConfig) -> RolloutGroup:
@@ -119,12 +115,8 @@ class OnlineRun:
         self.learners.save(path, {"sampler": self.sampler.state_dict(), "step": step})
         common.mark_complete(path)
         self.last_checkpoint = path
-        limit = self.cfg.train.save_total_limit
-        if limit:
-            done = sorted((p for p in path.parent.glob("step_*") if (p / "COMPLETE").exists()),
-                          key=lambda p: int(p.name.split("_")[1]))
-            for old in done[:-limit]:
-                shutil.rmtree(old)
+        if self.cfg.train.save_total_limit:
+            common.prune_checkpoints(self.run_dir, self.cfg.train.save_total_limit)
         return path
 
     def _sync_new_workers(self, worker_ids: list[str]) -> None:

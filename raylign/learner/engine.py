@@ -109,8 +109,10 @@ def deepspeed_config(
 ) -> dict[str, Any]:
     """The DeepSpeed config of the policy engine.
 
-    CPU: torch's AdamW (``torch_adam``), so DeepSpeed builds no fused kernel; offloading is moot
-    there. bf16 keeps fp32 master weights and checks gradients for inf/NaN so bad steps are skipped.
+    The optimizer is always torch's AdamW (``torch_adam``), fused on a GPU: DeepSpeed's own Adams
+    (FusedAdam, DeepSpeedCPUAdam) are JIT-built C++/CUDA ops, and the GPU image has no compiler
+    (see ``torch_adamw_params``). Offloading is moot on a CPU. bf16 keeps fp32 master weights and
+    checks gradients for inf/NaN so bad steps are skipped.
     """
     zero: dict[str, Any] = {"stage": learner.zero_stage}
     on_gpu = device_type == "cuda"
@@ -135,9 +137,22 @@ def deepspeed_config(
     }
     if not guarded:
         kwargs = adam_kwargs(train)
-        params = {**kwargs, "betas": list(kwargs["betas"]), "torch_adam": not on_gpu}
+        adamw = torch_adamw_params(on_gpu, learner.offload_optimizer)
+        params = {**kwargs, "betas": list(kwargs["betas"]), **adamw}
         config["optimizer"] = {"type": "AdamW", "params": params}
     return config
+
+
+def torch_adamw_params(on_gpu: bool, offload_optimizer: bool) -> dict[str, bool]:
+    """Optimizer params that make DeepSpeed 0.19 build ``torch.optim.AdamW`` and no op of its own.
+
+    DeepSpeed's ``get_optimizer_configuration`` returns torch's AdamW when ``torch_adam`` is set
+    (before it looks at offloading) and passes the remaining params to its constructor, so
+    ``fused`` reaches torch. Fused only where the optimizer state lives on the GPU; with ZeRO
+    offload the step runs over CPU tensors with torch's default (foreach) implementation, slower
+    than DeepSpeedCPUAdam but with nothing to compile.
+    """
+    return {"torch_adam": True, **({"fused": True} if on_gpu and not offload_optimizer else {})}
 
 
 def reference_config(

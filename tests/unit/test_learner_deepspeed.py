@@ -152,7 +152,7 @@ def test_deepspeed_config_choices():
     assert gpu["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert gpu["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert gpu["bf16"] == {"enabled": True, "check_grad_overflow": True}
-    assert gpu["optimizer"]["params"]["torch_adam"] is False and gpu["optimizer"]["params"]["betas"] == [
+    assert gpu["optimizer"]["params"]["torch_adam"] is True and gpu["optimizer"]["params"]["betas"] == [
         0.9,
         0.95,
     ]
@@ -166,3 +166,56 @@ def test_deepspeed_config_choices():
     assert cpu["optimizer"]["params"]["torch_adam"] is True and cpu["bf16"]["enabled"] is False
     stage0 = deepspeed_config(train, LearnerConfig(zero_stage=0), "fp32", "cpu", 1)
     assert "optimizer" not in stage0 and stage0["gradient_clipping"] == 0.0  # GuardedAdamW clips and skips
+
+
+def _deepspeed_optimizer_choice(config: dict) -> tuple[type, dict]:
+    """The optimizer class and extra kwargs DeepSpeed 0.19's own code picks for ``config`` (nothing built).
+
+    ``get_optimizer_configuration`` reads three engine settings; they come from ``config`` here.
+    """
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    engine = SimpleNamespace(
+        zero_use_cpu_optimizer=lambda: "offload_optimizer" in config["zero_optimization"],
+        zenflow=False,
+        bf16_optimizer_states=lambda: False,
+    )
+    params = dict(config["optimizer"]["params"])
+    cls, extra = DeepSpeedEngine.get_optimizer_configuration(engine, params, adam_w_mode=True)
+    return cls, {**params, **extra}
+
+
+@pytest.mark.parametrize("stage,offload", [(0, False), (2, False), (3, False), (2, True)])
+def test_gpu_learner_builds_no_deepspeed_op(stage, offload):
+    """On a GPU DeepSpeed must pick torch's AdamW: its FusedAdam / DeepSpeedCPUAdam are JIT-built and
+    docker/Dockerfile.gpu has no nvcc (a CUDA runtime base image, DS_BUILD_OPS=0)."""
+    from raylign.learner.engine import deepspeed_config
+
+    learner = LearnerConfig(zero_stage=stage, offload_optimizer=offload)
+    cfg = deepspeed_config(TrainConfig(), learner, "bf16", "cuda", 2)
+    cls, kwargs = _deepspeed_optimizer_choice(cfg)
+    assert cls is torch.optim.AdamW, f"DeepSpeed would build {cls.__module__}.{cls.__name__}"
+    assert kwargs.get("fused", False) is (not offload)  # fused where the optimizer state is on the GPU
+    # The exact arguments DeepSpeed passes are accepted by torch (fused AdamW also runs on CPU tensors).
+    weight = torch.nn.Parameter(torch.ones(3))
+    opt = cls([weight], **kwargs)
+    weight.grad = torch.ones(3)
+    opt.step()
+    assert bool(opt.defaults["fused"]) is (not offload) and bool((weight < 1).all())
+
+
+def test_gpu_optimizer_config_goes_through_deepspeed_initialize():
+    """The GPU optimizer section through a real deepspeed.initialize (on CPU): torch's fused AdamW is built."""
+    import deepspeed
+
+    from raylign.learner.distributed import ensure_process_group
+    from raylign.learner.engine import deepspeed_config
+
+    ensure_process_group(0, 1, "gloo", None)
+    gpu = deepspeed_config(TrainConfig(), LearnerConfig(zero_stage=2), "bf16", "cuda", 1)
+    cpu_ready = {**gpu, "bf16": {"enabled": False}}  # everything else as on a GPU
+    model = torch.nn.Linear(4, 4)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cpu_ready)
+    assert type(engine.basic_optimizer) is torch.optim.AdamW and engine.basic_optimizer.defaults["fused"] is True

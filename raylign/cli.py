@@ -3,8 +3,12 @@
 Training commands (`sft dpo mpo grpo gspo`) take `--config FILE`, `--resume [PATH|latest]` and any
 dotted override (`--train.learning_rate=2e-5` or `--rollout.num_workers 4`). Every command's
 implementation is imported inside its handler, so `raylign --help` stays fast and a missing
-optional part only affects the command that needs it. A ConfigError becomes one line on stderr
-and exit status 2.
+optional part only affects the command that needs it. Before a training command imports its driver,
+every model, data path, checkpoint and reward spec the config names is checked (driver/preflight.py).
+
+Errors are one line on stderr, never a traceback unless `--debug` (or RAYLIGN_DEBUG=1) is given: a
+RaylignError (bad config, data, model path, reward spec, a dead learner) says what to do and exits 2;
+anything else is an internal error, exit 1, with a pointer to `--debug`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from raylign.config import ONLINE_METHODS, ConfigError, RaylignConfig, config_reference_markdown, load_config
+from raylign.config import ONLINE_METHODS, RaylignConfig, config_reference_markdown, load_config
+from raylign.errors import RaylignError
 
 TRAIN_METHODS = ("sft", "dpo", "mpo", "grpo", "gspo")
 _METHOD_HELP = {
@@ -33,40 +38,48 @@ _OVERRIDES_EPILOG = (
 )
 
 
+_DEBUG_HELP = "show the full traceback of an error (also RAYLIGN_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per tool."""
     parser = argparse.ArgumentParser(
         prog="raylign", description="Post-train vision-language models on Ray.", allow_abbrev=False
     )
+    parser.add_argument("--debug", dest="debug_all", action="store_true", help=_DEBUG_HELP)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], allow_abbrev=False, **kwargs)
+
     for method in TRAIN_METHODS:
-        p = sub.add_parser(method, help=_METHOD_HELP[method], description=_METHOD_HELP[method],
-                           epilog=_OVERRIDES_EPILOG, allow_abbrev=False)
+        p = add(method, help=_METHOD_HELP[method], description=_METHOD_HELP[method], epilog=_OVERRIDES_EPILOG)
         p.add_argument("--config", type=Path, metavar="FILE", help="YAML config file")
         p.add_argument("--resume", nargs="?", const="latest", metavar="PATH|latest",
                        help="resume from a checkpoint dir, or (no value) the newest one of run_name")
         p.set_defaults(handler=_train)
-    p = sub.add_parser("make-tiny-model", help="build a random tiny VLM as an HF directory (offline)",
-                       allow_abbrev=False)
+    p = add("make-tiny-model", help="build a random tiny VLM as an HF directory (offline)")
     p.add_argument("--family", choices=("qwen2_5_vl", "llava"), default="qwen2_5_vl")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.set_defaults(handler=_make_tiny_model)
-    p = sub.add_parser("make-dataset", help="write a synthetic visual task dataset", allow_abbrev=False)
+    p = add("make-dataset", help="write a synthetic visual task dataset")
     p.add_argument("--task", required=True, metavar="NAME")
     p.add_argument("--n", type=int, default=256, metavar="N", help="rows (default 256)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--kind", choices=("prompt", "sft", "preference", "all"), default="all")
     p.set_defaults(handler=_make_dataset)
-    p = sub.add_parser("report", help="plots and a summary table from run directories", allow_abbrev=False)
+    p = add("report", help="plots and a summary table from run directories")
     p.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
     p.add_argument("--out", type=Path, metavar="DIR", help="default: RUN_DIR/report, or ./report")
     p.set_defaults(handler=_report)
-    p = sub.add_parser("bench", help="throughput benchmarks", allow_abbrev=False)
+    p = add("bench", help="throughput benchmarks")
     p.add_argument("--quick", action="store_true", help="a short run for CI")
     p.add_argument("--out", type=Path, default=Path("bench_out"), metavar="DIR")
     p.set_defaults(handler=_bench)
-    p = sub.add_parser("config-docs", help="print the configuration reference (Markdown)", allow_abbrev=False)
+    p = add("config-docs", help="print the configuration reference (Markdown)")
     p.set_defaults(handler=_config_docs)
     return parser
 
@@ -80,7 +93,10 @@ def config_from_args(args: argparse.Namespace) -> RaylignConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from raylign.driver.preflight import check_inputs
+
     cfg = config_from_args(args)
+    check_inputs(cfg)  # before Ray, models or data start: a bad path or spec costs seconds
     if cfg.method in ONLINE_METHODS:
         from raylign.driver.online import run
     else:
@@ -131,14 +147,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command not in TRAIN_METHODS:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
+    debug = args.debug or args.debug_all or os.environ.get("RAYLIGN_DEBUG", "").lower() in ("1", "true")
     try:
         return args.handler(args)
-    except ConfigError as e:  # a user mistake: one line, no traceback
-        print(f"raylign: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `raylign config-docs | head`: the reader left; stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("raylign: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # every error ends as one line; --debug shows the traceback instead
+        if debug:
+            raise
+        print(f"raylign: error: {error_line(err)}", file=sys.stderr)
+        return 2 if isinstance(_cause(err), RaylignError) else 1
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The error a Ray task raised, not the wrapper whose message holds the remote traceback."""
+    while isinstance(getattr(err, "cause", None), BaseException):
+        err = err.cause
+    return err
+
+
+def error_line(err: BaseException, limit: int = 600) -> str:
+    """One line for ``err``: a RaylignError's own message, else its type and message and where to look."""
+    cause = _cause(err)
+    text = " ".join(str(cause).split())
+    if isinstance(cause, RaylignError):
+        return text
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return (f"{type(cause).__name__}: {text} (an internal error: rerun with --debug or RAYLIGN_DEBUG=1 for "
+            "the traceback, and report it)")
 
 
 if __name__ == "__main__":

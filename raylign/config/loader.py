@@ -280,10 +280,17 @@ def load_config(
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"--config: file not found: {path}")
+    if not path.exists():
+        raise ConfigError(f"--config: file not found: {path} (looked from {Path.cwd()})")
+    if path.is_dir():  # anything else readable is fine: /dev/null, a pipe from `--config <(...)`
+        raise ConfigError(f"--config: {path} is a directory; give a YAML file")
     try:
-        data = yaml.load(path.read_text(), Loader=_Loader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); give a YAML file saved as UTF-8") from e
+    except OSError as e:
+        raise ConfigError(f"--config: cannot read {path}: {e.strerror or e}") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"--config: cannot parse {path}: {_one_line(e)}") from e
     if data is not None and not isinstance(data, dict):

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
+from raylign.errors import RaylignError
 
-class ConfigError(ValueError):
+
+class ConfigError(RaylignError, ValueError):
     """A configuration problem; the message is one line that starts with the dotted key."""
 
 

@@ -14,15 +14,14 @@ as the ``datasets`` Image feature, raw bytes, or file paths (relative ones to th
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
-from urllib.parse import urlparse
 
 import datasets
 
 from raylign.data.errors import DataError
 from raylign.data.images import decode_image, fit_image
+from raylign.hub import hub_endpoint, hub_offline, hub_reachable
 
 Kind = Literal["sft", "prompt", "preference"]
 KINDS: tuple[str, ...] = ("sft", "prompt", "preference")
@@ -191,9 +190,10 @@ def load_dataset(
     if path.exists():
         hf = _load_local(path, split, streaming, cache_dir)
         base_dir = str(path if path.is_dir() else path.parent)
-    elif _looks_local(os.fspath(source)):
+    elif looks_local(os.fspath(source)):
         raise DataError(
-            f"dataset path {os.fspath(source)} does not exist; check the path (data.path in the config)"
+            f"dataset path {os.fspath(source)} does not exist; check the path "
+            f"(a relative one starts at {os.getcwd()})"
         )
     else:
         hf = _load_hub(os.fspath(source), split, streaming, cache_dir)
@@ -223,36 +223,15 @@ def _load_local(path: Path, split: str, streaming: bool, cache_dir: str | None):
     return datasets.load_dataset(str(path), split=split, streaming=streaming, cache_dir=cache_dir)
 
 
-def _looks_local(source: str) -> bool:
+def looks_local(source: str) -> bool:
+    """Whether ``source`` is meant as a local path (else it is a hub dataset name)."""
     return source.startswith(("/", ".", "~")) or Path(source).suffix.lower() in _BUILDERS
 
 
-def _hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub endpoint accepts a TCP connection (checked before ``datasets`` retries for minutes)."""
-    url = urlparse(_hub_endpoint())
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname or "", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _offline() -> bool:
-    return any(
-        os.environ.get(v, "").lower() in ("1", "true", "yes")
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    )
-
-
 def _load_hub(name: str, split: str, streaming: bool, cache_dir: str | None):
-    if not _offline() and not hub_reachable():
+    if not hub_offline() and not hub_reachable():
         raise DataError(
-            f"dataset {name!r} is not a local path and the Hugging Face hub ({_hub_endpoint()}) is not "
+            f"dataset {name!r} is not a local path and the Hugging Face hub ({hub_endpoint()}) is not "
             f"reachable; download it where there is network (datasets.load_dataset(...).save_to_disk(dir)) "
             f"and pass the local path, or set HF_HUB_OFFLINE=1 to use a cached copy"
         )

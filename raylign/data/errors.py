@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from raylign.errors import RaylignError
 
-class DataError(ValueError):
+
+class DataError(RaylignError, ValueError):
     """Bad training data: names the row (when there is one), the column, the problem and the fix."""
 
 

@@ -9,8 +9,6 @@ import dataclasses
 import logging
 import math
 import os
-import re
-import shutil
 from pathlib import Path
 
 import ray
@@ -18,16 +16,19 @@ import ray
 from raylign.config import RaylignConfig
 from raylign.data.datasets import VLMDataset, load_dataset, train_eval_split
 from raylign.data.validate import validate_dataset
+from raylign.driver.preflight import SYNTHETIC, TINY
+from raylign.driver.resume import (  # noqa: F401 (the drivers use them as common.*)
+    checkpoint_dir, latest_checkpoint, mark_complete, prune_checkpoints, resolve_resume, resume_command,
+)
+from raylign.errors import RaylignError
 
 logger = logging.getLogger(__name__)
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class LearnerFailed(RuntimeError):
+class LearnerFailed(RaylignError, RuntimeError):
     """A learner died: the run stops and says how to resume (both drivers raise it)."""
 
 
-TINY, SYNTHETIC = "tiny:", "synthetic:"
 _DATA_FILE = {"sft": "sft", "dpo": "preference", "mpo": "preference", "grpo": "prompt", "gspo": "prompt"}
 
 
@@ -80,55 +81,6 @@ def init_ray(cfg: RaylignConfig) -> None:
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step_{step}"
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step (a checkpoint is complete once ``COMPLETE`` exists)."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    steps = [
-        (int(m.group(1)), p)
-        for p in root.iterdir()
-        if (m := _STEP_DIR.match(p.name)) and (p / "COMPLETE").exists()
-    ]
-    return max(steps)[1] if steps else None
-
-
-def mark_complete(path: Path) -> None:
-    """Written last, so a run killed mid-save never resumes from a half-written checkpoint."""
-    (path / "COMPLETE").write_text("")
-
-
-def resolve_resume(cfg: RaylignConfig) -> Path | None:
-    """The checkpoint ``train.resume_from_checkpoint`` names (a path, or ``latest`` of this run)."""
-    spec = cfg.train.resume_from_checkpoint
-    if spec is None:
-        return None
-    if spec == "latest":
-        path = latest_checkpoint(cfg.run_dir)
-        if path is None:
-            raise FileNotFoundError(
-                f"train.resume_from_checkpoint=latest: no complete checkpoint under {cfg.run_dir}/checkpoints"
-            )
-        return path
-    path = Path(spec)
-    if not (path / "COMPLETE").exists():
-        raise FileNotFoundError(f"train.resume_from_checkpoint={spec}: not a complete raylign checkpoint")
-    return path
-
-
-def resume_command(cfg: RaylignConfig, checkpoint: Path | None) -> str:
-    """The command that continues this run."""
-    where = str(checkpoint) if checkpoint else "latest"
-    return (
-        f"raylign {cfg.method} --config {cfg.run_dir / 'config.yaml'} "
-        f"--train.resume_from_checkpoint={where}"
-    )
-
-
 def load_job_data(cfg: RaylignConfig, processor, kind: str) -> tuple[VLMDataset, VLMDataset | None]:
     """Train (and eval) datasets of ``kind``, validated before any compute is spent.
 
@@ -165,16 +117,3 @@ def num_steps(cfg: RaylignConfig, rows: int, rows_per_step: int) -> int:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     return max(1, math.ceil(cfg.train.num_train_epochs * rows / rows_per_step))
-
-
-def prune_checkpoints(run_dir: Path, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest complete checkpoints of ``run_dir``; returns the deleted ones."""
-    root = run_dir / "checkpoints"
-    done = sorted(
-        (p for p in root.glob("step_*") if _STEP_DIR.match(p.name) and (p / "COMPLETE").exists()),
-        key=lambda p: int(p.name.split("_")[1]),
-    )
-    old = done[:-keep] if keep > 0 else done
-    for path in old:
-        shutil.rmtree(path)
-    return old

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin, Qwen2_5_VLProcessor
 
+from raylign.models.source import check_model_source
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -57,6 +59,7 @@ def load_processor(name_or_path: str | Path, **kwargs) -> ProcessorMixin:
     missing, so the same checkpoint works on CPU-only machines and GPU clusters.
     """
     path = Path(name_or_path)
+    check_model_source(name_or_path)  # a missing dir / offline hub: one line, not a hub client traceback
     cls_name = _processor_class_name(path) if path.is_dir() else None
     if cls_name == Qwen2_5_VLImageOnlyProcessor.__name__ or (
         cls_name in ("Qwen2_5_VLProcessor", "Qwen2VLProcessor") and not _has_torchvision()
@@ -78,6 +81,7 @@ def load_model(
     attn_implementation: str | None = "sdpa",
 ) -> torch.nn.Module:
     """Load an image-text-to-text model with ``AutoModelForImageTextToText`` (what vLLM and users load too)."""
+    check_model_source(name_or_path)
     model = AutoModelForImageTextToText.from_pretrained(
         str(name_or_path),
         dtype=resolve_dtype(dtype, device),

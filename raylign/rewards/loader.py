@@ -15,6 +15,7 @@ process pool (or a Ray actor on another node) can load the same functions itself
 from __future__ import annotations
 
 import ast
+import difflib
 import hashlib
 import importlib
 import importlib.util
@@ -26,12 +27,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from raylign.errors import RaylignError
 from raylign.rewards.builtin import BUILTIN_FACTORIES, BUILTIN_REWARDS, RewardFn
 
 _SPEC = re.compile(r"\s*(?P<target>[^()]+?)\s*(?:\((?P<args>.*)\))?\s*", re.DOTALL)
 
 
-class RewardLoadError(ValueError):
+class RewardLoadError(RaylignError, ValueError):
     """A reward spec names nothing usable; the message names the spec and what is wrong."""
 
 
@@ -72,7 +74,7 @@ def _split(spec: str) -> tuple[str, dict[str, Any] | None]:
 def _import_file(spec: str, path: str) -> ModuleType:
     full = os.path.abspath(path)
     if not os.path.isfile(full):
-        raise _fail(spec, f"file {path!r} does not exist (looked in {os.getcwd()!r})")
+        raise _fail(spec, f"file {path!r} does not exist (looked in {os.getcwd()!r}); fix the path")
     # One module per file, registered so pickling and repeated loads see the same objects.
     stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(full))[0])
     name = f"_raylign_reward_{stem}_{hashlib.sha1(full.encode()).hexdigest()[:8]}"
@@ -100,6 +102,11 @@ def _import_module(spec: str, name: str) -> ModuleType:
         raise _fail(spec, f"importing module {name!r} failed: {type(err).__name__}: {err}") from err
 
 
+def _did_you_mean(name: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def _resolve(spec: str, target: str) -> tuple[str, Callable[..., Any]]:
     """(name, object) for a target: a builtin, or ``module:attr`` / ``file.py:attr``."""
     if ":" not in target:
@@ -107,11 +114,11 @@ def _resolve(spec: str, target: str) -> tuple[str, Callable[..., Any]]:
             return target, BUILTIN_REWARDS[target]
         if target in BUILTIN_FACTORIES:
             return target, BUILTIN_FACTORIES[target]
-        builtins = ", ".join(sorted([*BUILTIN_REWARDS, *BUILTIN_FACTORIES]))
+        names = sorted([*BUILTIN_REWARDS, *BUILTIN_FACTORIES])
         raise _fail(
             spec,
-            f"no builtin reward named {target!r} (builtins: {builtins}); "
-            "use 'module:function' or 'path/to/file.py:function' for your own",
+            f"no builtin reward named {target!r}{_did_you_mean(target, names)} "
+            f"(builtins: {', '.join(names)}); use 'module:function' or 'path/to/file.py:function' for your own",
         )
     where, _, attr = target.rpartition(":")
     if not where or not attr:
@@ -120,7 +127,8 @@ def _resolve(spec: str, target: str) -> tuple[str, Callable[..., Any]]:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise _fail(spec, f"{where!r} has no attribute {attr!r}")
+            public = [n for n in dir(obj) if not n.startswith("_")]
+            raise _fail(spec, f"{where!r} has no attribute {attr!r}{_did_you_mean(part, public)}")
         obj = getattr(obj, part)
     return attr.rpartition(".")[2], obj
 

@@ -67,8 +67,8 @@ def _message(spec: str) -> str:
 
 def test_error_unknown_builtin() -> None:
     assert _message("formatt") == (
-        "reward function spec 'formatt': no builtin reward named 'formatt' (builtins: accuracy, format, "
-        "overlong); use 'module:function' or 'path/to/file.py:function' for your own"
+        "reward function spec 'formatt': no builtin reward named 'formatt' (did you mean format?) (builtins: "
+        "accuracy, format, overlong); use 'module:function' or 'path/to/file.py:function' for your own"
     )
 
 
@@ -82,7 +82,8 @@ def test_error_no_such_module() -> None:
 def test_error_no_such_file(tmp_path: Path) -> None:
     missing = str(tmp_path / "nope.py")
     assert _message(f"{missing}:fn") == (
-        f"reward function spec '{missing}:fn': file '{missing}' does not exist (looked in '{os.getcwd()}')"
+        f"reward function spec '{missing}:fn': file '{missing}' does not exist (looked in '{os.getcwd()}'); "
+        "fix the path"
     )
 
 

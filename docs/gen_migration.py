@@ -1,200 +1,203 @@
-"""Generate docs/migration-from-trl.md: TRL config fields -> raylign dotted keys.
+"""Generate docs/migration-from-trl.md from raylign's one TRL mapping table (raylign/config/trl.py).
 
-    python docs/gen_migration.py > docs/migration-from-trl.md
+    python docs/gen_migration.py > docs/migration-from-trl.md     # the page (docs/gen_docs.py does this)
+    python docs/gen_migration.py --snapshot                       # rewrite raylign/config/trl_fields.json
 
-Two sources of rows, both checked here so the page cannot name a key that does not exist:
-
-- same name, same meaning (a DESIGN.md contract): every TRL field whose name is the leaf of a raylign
-  key in one of the sections that class maps to (``SECTIONS``), found by walking the typed config;
-- renamed concepts, written out in ``RENAMED``; each raylign key there must exist in the typed config
-  and each TRL name in TRL's dataclass (``check_tables`` raises otherwise).
-
-The raylign defaults come from the typed config. The page depends on the installed TRL and
-transformers versions, which its first lines record.
+The page needs no TRL install: it reads the table and the snapshot of TRL's config classes
+(``trl_fields.json``: every field and its default), which ``--snapshot`` records from the installed
+TRL (the version pinned in requirements/cpu.lock; tests/unit/test_trl_config.py checks the snapshot is
+current). No version string is written into either, so neither changes when only a version does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import sys
-import typing
+from pathlib import Path
 from typing import Any
 
-from raylign.config import RaylignConfig
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-# TRL class -> raylign sections searched for a same-named key, in order ("" = top level).
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "TrainingArguments": ("train", "", "model", "learner", "logging"),
-    "SFTConfig": ("sft", "data", "train"),
-    "DPOConfig": ("dpo", "data", "train"),
-    "GRPOConfig": ("grpo", "reward", "rollout", "data", "train"),
-    "ModelConfig": ("model", "model.lora"),
-    "ScriptArguments": ("data",),
-}
+from raylign.config import config_from_dict, config_to_dict  # noqa: E402
+from raylign.config import trl as T  # noqa: E402
+from raylign.config.loader import _PRESETS, _schema_keys  # noqa: E402
 
-# TRL class -> {TRL field: (raylign key, note)} for concepts with another name (or worth a note).
-RENAMED: dict[str, dict[str, tuple[str, str]]] = {
-    "TrainingArguments": {
-        "output_dir": ("output_dir", "Parent of run directories: a run writes to `output_dir/run_name`."),
-        "run_name": ("run_name", "Names the run directory (default `<method>-<timestamp>`)."),
-        "bf16": ("learner.precision", "`bf16`; the default `auto` is bf16 on GPU and fp32 on CPU."),
-        "deepspeed": ("learner.zero_stage", ("raylign writes the DeepSpeed config from `learner.*` "
-                                             "(`zero_stage`, `offload_optimizer`, `offload_param`).")),
-        "eval_strategy": ("train.eval_steps", "Evaluate every N steps; 0 = never."),
-        "save_strategy": ("train.save_steps", "Checkpoint every N steps; 0 = only at the end."),
-        "logging_strategy": ("train.logging_steps", "Log every N steps."),
-        "report_to": ("logging.report_to", "metrics.jsonl is always written as well."),
-        "project": ("logging.project", ""),
-    },
-    "SFTConfig": {
-        "assistant_only_loss": ("sft.completion_only_loss", "Loss on the assistant (completion) tokens only."),
-        "shuffle_dataset": ("data.shuffle", ""),
-        "truncation_mode": ("data.truncation", "`error`, `skip` (counted) or `truncate_left` the prompt."),
-    },
-    "DPOConfig": {
-        "truncation_mode": ("data.truncation", "`error`, `skip` (counted) or `truncate_left` the prompt."),
-        "loss_type": ("dpo.loss_type", "Several entries mix losses (MPO); `raylign mpo` presets the mix."),
-    },
-    "GRPOConfig": {
-        "use_vllm": ("rollout.engine", "`vllm`; the default `transformers` engine runs anywhere."),
-        "vllm_mode": ("rollout.colocate", ("`colocate` = true (needs `rollout.enable_sleep_mode`); "
-                                           "`server` = false: rollout workers on their own GPUs.")),
-        "vllm_gpu_memory_utilization": ("rollout.gpu_memory_utilization", ""),
-        "vllm_tensor_parallel_size": ("rollout.tensor_parallel_size", ""),
-        "vllm_max_model_length": ("rollout.max_model_len", ""),
-        "vllm_enable_sleep_mode": ("rollout.enable_sleep_mode", ""),
-        "vllm_model_impl": ("rollout.engine_kwargs", "`{model_impl: ...}`"),
-        "vllm_importance_sampling_correction": ("grpo.tis_cap", "A cap turns the correction on; null = off."),
-        "vllm_importance_sampling_cap": ("grpo.tis_cap", ""),
-        "generation_batch_size": ("grpo.prompts_per_step", ("raylign counts prompts: samples per step = "
-                                                            "prompts_per_step x num_generations.")),
-        "steps_per_generation": ("grpo.max_staleness", ("Different mechanism: rollouts stream continuously "
-                                                        "and may lag the learner by at most this many policy versions.")),
-        "log_completions": ("grpo.log_completions_steps", "Every N steps; 0 = never."),
-        "shuffle_dataset": ("data.shuffle", ""),
-        "loss_type": ("grpo.loss_type", "`grpo`, `bnpo`, `dr_grpo` or `dapo` (the default in both)."),
-    },
-    "ModelConfig": {
-        "model_name_or_path": ("model.name_or_path", ""),
-        "use_peft": ("model.lora.r", "LoRA is on when `r` > 0."),
-        "lora_r": ("model.lora.r", ""),
-        "lora_target_modules": ("model.lora.target_modules", ""),
-    },
-    "ScriptArguments": {
-        "dataset_name": ("data.train", "A hub name or a local parquet/jsonl/Arrow/image folder."),
-        "dataset_test_split": ("data.eval", "An evaluation dataset, or hold out `data.eval_split_size` rows."),
-    },
+SNAPSHOT = ROOT / "raylign" / "config" / "trl_fields.json"
+TITLES = {
+    "TrainingArguments": "Shared training arguments (`transformers.TrainingArguments`, in every TRL config)",
+    "SFTConfig": "`SFTConfig` (`raylign sft`)", "DPOConfig": "`DPOConfig` (`raylign dpo`, `raylign mpo`)",
+    "GRPOConfig": "`GRPOConfig` (`raylign grpo`, `raylign gspo`)",
+    "ModelConfig": "`ModelConfig` (what `trl <method> --config` also reads)",
+    "ScriptArguments": "`ScriptArguments` / `GRPOScriptArguments` (what `trl <method> --config` also reads)",
 }
 
 INTRO = """# Migrating from TRL
 
-raylign keeps TRL's names where the concept is the same, so most of a TRL recipe carries over as
-dotted keys: `--learning_rate 1e-6` becomes `--train.learning_rate=1e-6` on the command line, or
-`train: {{learning_rate: 1.0e-6}}` in YAML. Reward functions keep TRL's signature
-(`fn(prompts, completions, **columns) -> list[float | None]`); TRL's `reward_funcs=[...]` trainer
-argument is `reward.funcs` (builtin names such as `format` and `accuracy`, `module:function` or
-`path.py:function`). Unknown keys are an error that names the closest valid key.
+A TRL recipe runs unchanged: `raylign grpo|gspo|dpo|mpo|sft --config recipe.yaml` accepts a *flat*
+TRL config — the keyword arguments of `GRPOConfig` / `DPOConfig` / `SFTConfig`, or the YAML file
+`trl grpo --config` reads (with `ModelConfig` and the script's dataset and reward arguments) — and
+maps it key by key through one table (`TABLE` in `raylign/config/trl.py`), the one this page is
+generated from (`python docs/gen_migration.py > docs/migration-from-trl.md`):
 
-Generated by `python docs/gen_migration.py > docs/migration-from-trl.md` from the typed config
-(`raylign/config/schema.py`) and the installed TRL ({trl}) and transformers ({transformers}).
-A field not listed has no raylign equivalent yet. The full key reference is docs/config.md.
+- **mapped**: the TRL field sets the raylign key(s) shown, translated where the meaning needs it;
+- **ignored**: the field has no meaning in raylign; it is accepted with one logged line;
+- **refused**: raylign cannot honour the field's TRL meaning: any value but TRL's default is an error that says so.
+  A TRL field this page does not name is treated the same way.
+
+Keys the file leaves unset get **TRL's defaults**, so the same file means the same run in both
+(the table below lists where they differ from raylign's own defaults); `raylign gspo` and
+`raylign mpo` still bring their method presets for keys the file leaves unset. A flat file may
+also hold raylign sections (`rollout: {num_workers: 4}`) for what TRL has no name for, and the
+command line takes raylign's dotted keys (`--rollout.num_workers=4`). A raylign-style file
+(sections only) keeps raylign's defaults.
+
+```yaml
+# the GSPO recipe as TRL's docs write it: raylign gspo --config gspo.yaml
+model_name_or_path: Qwen/Qwen2.5-VL-3B-Instruct
+dataset_name: lmms-lab/multimodal-open-r1-8k-verified
+reward_funcs: [think_format_reward, accuracy_reward]
+importance_sampling_level: sequence
+epsilon: 3.0e-4
+epsilon_high: 4.0e-4
+beta: 0.0
+loss_type: grpo
+steps_per_generation: 4
+```
+
+Reward functions keep TRL's signature (`fn(prompts, completions, **kwargs) -> list[float | None]`)
+and keyword arguments: the dataset's extra columns, `completion_ids`, the images (`images`, one list
+per sample, and `image`, its first image), `trainer_state` (`global_step`, `max_steps`, `epoch`),
+and `log_metric(name, value)` / `log_extra(column, values)`, whose values land in `metrics.jsonl`
+and `samples.jsonl`.
+
+## Trained tokens: where raylign and TRL differ on purpose
+
+For a preference pair or a prompt/completion row TRL tokenizes the chat template's rendering of
+the prompt plus the answer and trains on everything after the prompt, which for ChatML templates
+(Qwen, LLaVA-on-Qwen) is the answer, `<|im_end|>` **and the newline the template writes after it**.
+raylign trains on the answer and `<|im_end|>` only. The newline is a token the policy never
+samples (generation stops at `<|im_end|>`), so TRL's DPO/MPO logps carry one extra, constant-ish
+term per answer (its `logps/chosen` is lower by that token's logprob, and the MPO mix's SFT part
+averages over one more token). raylign's choice teaches the same stop and nothing after it; we
+consider TRL's trailing token a (harmless for the margin, not for the logged logps and the SFT term)
+defect. With a template that writes nothing after `<|im_end|>` the two train identical tokens and
+agree on loss, grad norm and logps to 1e-4 (tests/unit/test_trl_parity.py runs TRL's DPOTrainer,
+the MPO mix and SFTTrainer side by side with raylign).
 """
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
+# ----------------------------------------------------------------------------------------- snapshot
 
 
-def config_keys(cls: type = RaylignConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
-    """Every leaf key of the typed config as a dotted path, with its dataclass field."""
-    out: dict[str, dataclasses.Field] = {}
-    for f in dataclasses.fields(cls):
-        tp = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-            out.update(config_keys(tp, f"{prefix}{f.name}."))
-        else:
-            out[prefix + f.name] = f
-    return out
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return _jsonable(value.value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    try:
+        json.dumps(value)
+    except TypeError:
+        return repr(value)
+    return value
 
 
-def trl_classes() -> dict[str, type]:
-    """TRL's config dataclasses (and the transformers TrainingArguments they extend), by name."""
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return _jsonable(f.default_factory())
+    return None if f.default is dataclasses.MISSING else _jsonable(f.default)
+
+
+def trl_snapshot() -> dict[str, dict[str, Any]]:
+    """Every field of TRL's config classes (and transformers' TrainingArguments) with its default."""
     from transformers import TrainingArguments
     from trl import DPOConfig, GRPOConfig, ModelConfig, ScriptArguments, SFTConfig
+    from trl.scripts.grpo import GRPOScriptArguments
 
-    return {c.__name__: c for c in (TrainingArguments, SFTConfig, DPOConfig, GRPOConfig, ModelConfig, ScriptArguments)}
-
-
-def own_fields(name: str, classes: dict[str, type]) -> list[str]:
-    """The fields a TRL class adds to TrainingArguments (all fields for the non-training classes)."""
-    names = [f.name for f in dataclasses.fields(classes[name])]
-    if name in ("SFTConfig", "DPOConfig", "GRPOConfig"):
-        base = {f.name for f in dataclasses.fields(classes["TrainingArguments"])}
-        names = [n for n in names if n not in base]
-    return names
+    classes = (TrainingArguments, SFTConfig, DPOConfig, GRPOConfig, ModelConfig, ScriptArguments, GRPOScriptArguments)
+    return {c.__name__: {f.name: _default(f) for f in dataclasses.fields(c)} for c in classes}
 
 
-def _same_name(field: str, sections: tuple[str, ...], keys: dict[str, Any]) -> str | None:
-    for section in sections:
-        key = f"{section}.{field}" if section else field
-        if key in keys:
-            return key
-    return None
+def snapshot_text() -> str:
+    return json.dumps(trl_snapshot(), indent=1, sort_keys=True) + "\n"
 
 
-def default_text(f: dataclasses.Field) -> str:
-    """The default of a typed-config field as it appears in YAML (JSON spelling)."""
-    if f.default_factory is not dataclasses.MISSING:
-        return f"`{json.dumps(f.default_factory())}`"
-    return "required" if f.default is dataclasses.MISSING else f"`{json.dumps(f.default)}`"
+# ----------------------------------------------------------------------------------------- the page
 
 
-def table_rows(name: str, classes: dict[str, type], keys: dict[str, dataclasses.Field]) -> list[tuple[str, str, str]]:
-    """(TRL field, raylign key, note) for every mapped field of one TRL class, in TRL's order."""
-    renamed = RENAMED.get(name, {})
-    rows = []
-    for field in own_fields(name, classes):
-        if field in renamed:
-            rows.append((field, *renamed[field]))
-        elif (key := _same_name(field, SECTIONS[name], keys)) is not None:
-            rows.append((field, key, ""))
-    return rows
+def _code(value: Any) -> str:
+    return f"`{json.dumps(value)}`"
 
 
-def check_tables(classes: dict[str, type], keys: dict[str, Any]) -> None:
-    """Raise when RENAMED names a TRL field or a raylign key that does not exist."""
-    for name, table in RENAMED.items():
-        fields = {f.name for f in dataclasses.fields(classes[name])}
-        for trl_field, (key, _) in table.items():
-            if trl_field not in fields:
-                raise ValueError(f"RENAMED[{name!r}]: TRL {name} has no field {trl_field!r}")
-            if key not in keys:
-                raise ValueError(f"RENAMED[{name!r}][{trl_field!r}]: raylign has no key {key!r}")
+def own_fields(cls: str) -> list[str]:
+    """The fields a class adds to TrainingArguments (or to ScriptArguments), in the snapshot's order."""
+    snap = T.snapshot()
+    base = {"SFTConfig": "TrainingArguments", "DPOConfig": "TrainingArguments", "GRPOConfig": "TrainingArguments",
+            "GRPOScriptArguments": "ScriptArguments"}.get(cls)
+    return [f for f in snap[cls] if base is None or f not in snap[base]]
 
 
-TITLES = {
-    "TrainingArguments": "Shared training arguments (`transformers.TrainingArguments`, in all three configs)",
-    "SFTConfig": "`SFTConfig`", "DPOConfig": "`DPOConfig` (DPO and MPO)", "GRPOConfig": "`GRPOConfig` (GRPO and GSPO)",
-    "ModelConfig": "`ModelConfig` (TRL example scripts)", "ScriptArguments": "`ScriptArguments` (TRL example scripts)",
-}
+def class_rows(cls: str) -> tuple[list[str], list[str]]:
+    """Table rows for the fields the table names, and the names of the others."""
+    rows, others = [], []
+    classes = {"ScriptArguments": ("ScriptArguments", "GRPOScriptArguments")}.get(cls, (cls,))
+    for c in classes:
+        for field in own_fields(c):
+            rule = T.rule_for(field, c if c != "TrainingArguments" else "")
+            if rule is None:
+                others.append(field)
+                continue
+            where = ", ".join(f"`{k}`" for k in rule.to) or "—"
+            note = rule.refuse + "." if rule.refuse else rule.note
+            default = T.snapshot()[c][field]
+            rows.append(f"| `{field}` | {rule.kind} | {where} | {_code(default)} | {note} |")
+    return rows, others
+
+
+def differing_defaults(method: str) -> list[tuple[str, Any, Any]]:
+    """(raylign key, raylign's default, TRL's default) for each key a flat file of `method` resolves differently."""
+    base = {"method": method, "model": {"name_or_path": "m"}, "data": {"train": "d"}, "run_name": "r"}
+    ours = _flat_dict(config_to_dict(config_from_dict(base)))
+    tree = T.from_trl({}, method, {k for k, _, _ in _PRESETS.get(method, [])})
+    merged = {**ours, **tree}
+    return [(k, ours[k], merged[k]) for k in _schema_keys() if k in tree and merged[k] != ours[k]]
+
+
+def _flat_dict(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and f"{prefix}{k}." in {key[: len(prefix) + len(k) + 1] for key in _schema_keys()}:
+            out.update(_flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def migration_markdown() -> str:
     """The whole page."""
-    import transformers
-    import trl
-
-    classes, keys = trl_classes(), config_keys()
-    check_tables(classes, keys)
-    lines = [INTRO.format(trl=trl.__version__, transformers=transformers.__version__)]
-    for name in SECTIONS:
-        lines += [f"## {TITLES[name]}", "", "| TRL | raylign | raylign default | note |", "| --- | --- | --- | --- |"]
-        for field, key, note in table_rows(name, classes, keys):
-            lines.append(f"| `{field}` | `{key}` | {default_text(keys[key])} | {note} |")
-        lines.append("")
+    lines = [INTRO, "## Defaults a flat TRL file gets that differ from raylign's own", "",
+             "| method | raylign key | raylign default | TRL default (applied to a flat file) |",
+             "| --- | --- | --- | --- |"]
+    for method in ("sft", "dpo", "grpo"):
+        for key, ours, theirs in differing_defaults(method):
+            lines.append(f"| {method} | `{key}` | {_code(ours)} | {_code(theirs)} |")
+    lines.append("")
+    for cls in TITLES:
+        rows, others = class_rows(cls)
+        lines += [f"## {TITLES[cls]}", "", "| TRL field | how | raylign | TRL default | note |",
+                  "| --- | --- | --- | --- | --- |", *rows, ""]
+        if others:
+            lines += ["Other fields (accepted at their TRL default, refused otherwise): "
+                      + ", ".join(f"`{f}`" for f in others) + ".", ""]
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    sys.stdout.write(migration_markdown())
+    if "--snapshot" in sys.argv:
+        SNAPSHOT.write_text(snapshot_text())
+    else:
+        sys.stdout.write(migration_markdown())

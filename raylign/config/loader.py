@@ -13,6 +13,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from raylign.config import trl
 from raylign.config.rules import _require, validate
 from raylign.config.schema import ConfigError, RaylignConfig, _hints, _is_section, _type_name  # noqa: F401
 
@@ -269,12 +270,21 @@ def load_config(
     parsed = parse_overrides(overrides)
     if method is not None and parsed.get("method", method) != method:
         raise ConfigError(f"method: --method={parsed['method']} contradicts the `{method}` command")
+    if method is not None and tree.get("method", method) != method:  # refused: presets and data differ by method
+        raise ConfigError(f"method: {path} says `method: {tree['method']}` but the command is `raylign {method}`; "
+                          f"run `raylign {tree['method']}` or drop `method:` from the file")
+    method = method or tree.get("method")
+    if trl.is_flat(tree):  # a TRL GRPOConfig/DPOConfig/SFTConfig file: one table maps it (config/trl.py)
+        flat = trl.from_trl(tree, str(method), {k for k, _, _ in _PRESETS.get(str(method), [])})
+        tree = {}
+        for key, value in flat.items():
+            _set_dotted(tree, key, value)
     if parsed.get("preset", tree.get("preset")) == "tiny":  # over the file, under the command line
         for key, value in TINY_PRESET.items():
             _set_dotted(tree, key, copy.deepcopy(value))
     for key, value in parsed.items():
         _set_dotted(tree, key, value)
-    if method is not None:  # the subcommand wins over the file's method
+    if method is not None:
         tree["method"] = method
     return config_from_dict(tree)
 

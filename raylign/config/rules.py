@@ -85,6 +85,9 @@ def _check_dpo(cfg: RaylignConfig) -> None:
     _require(len(set(p.loss_type)) == len(p.loss_type), "dpo.loss_type", f"lists a loss twice: {p.loss_type}")
     _require(p.loss_weights is None or len(p.loss_weights) == len(p.loss_type), "dpo.loss_weights",
              f"has {len(p.loss_weights or [])} weights for {len(p.loss_type)} dpo.loss_type entries")
+    _require(p.label_smoothing == 0 or "robust" in p.loss_type, "dpo.label_smoothing",
+             f"{p.label_smoothing} is used by dpo.loss_type robust only (TRL 1.16's sigmoid has no smoothing); "
+             f"add robust or set it to 0")
 
 
 def _check_grpo(cfg: RaylignConfig) -> None:

@@ -92,6 +92,16 @@ class DataConfig:
     min_pixels: int = _f(3136, "Images smaller than this many pixels are upscaled.", ge=1)
     max_pixels: int = _f(401408, "Images larger than this many pixels are downscaled.", ge=1)
     shuffle: bool = _f(True, "Shuffle the training rows each epoch (seeded).")
+    prompt_column: str = _f(
+        "prompt", "Column holding the prompt (text or chat messages), e.g. 'problem'; read as 'prompt'."
+    )
+    image_column: str | None = _f(
+        None, "Column holding the image(s): one image or a list per row; None = 'images' or 'image'."
+    )
+    completion_column: str | None = _f(
+        None, "Column read as 'completion' (SFT target), e.g. 'chosen' of preference data; None = 'completion'."
+    )
+    system_prompt: str | None = _f(None, "System message put before every prompt (and SFT conversation).")
 
 
 @dataclass(frozen=True)
@@ -155,6 +165,9 @@ class SFTConfig:
         "token_mean", "Average the loss over all tokens, or per sequence then over sequences."
     )
     completion_only_loss: bool = _f(True, "Train only on completion tokens (prompt tokens masked).")
+    assistant_only_loss: bool = _f(
+        True, "'messages' rows: train only on assistant turns; false trains every text token (TRL's default)."
+    )
 
 
 @dataclass(frozen=True)
@@ -165,7 +178,7 @@ class DPOConfig:
     loss_type: list[str] = _f(["sigmoid"], f"Losses to mix; any of {', '.join(DPO_LOSS_TYPES)}.")
     loss_weights: list[float] | None = _f(None, "Weight per loss_type entry; None = all 1.0.")
     label_smoothing: float = _f(
-        0.0, "Assumed preference-label noise (robust/sigmoid), in [0, 0.5].", ge=0, le=0.5
+        0.0, "Assumed preference-label noise, used by loss_type robust only.", ge=0, lt=0.5
     )
     precompute_ref_log_probs: bool = _f(
         False, "Compute reference logprobs once before training, then drop it."
@@ -182,7 +195,7 @@ class GRPOConfig:
     temperature: float = _f(1.0, "Sampling temperature.", gt=0)
     top_p: float = _f(1.0, "Nucleus sampling mass.", gt=0, le=1)
     top_k: int = _f(0, "Top-k sampling; 0 disables.", ge=0)
-    epsilon: float = _f(0.2, "Lower clip range of the importance ratio.", ge=0)
+    epsilon: float = _f(0.2, "Lower clip range of the importance ratio.", gt=0, le=1)
     epsilon_high: float | None = _f(None, "Upper clip range; None = epsilon.", ge=0)
     delta: float | None = _f(
         None, "Two-sided clip: cap the ratio at delta (> 1) for negative advantages.", gt=1

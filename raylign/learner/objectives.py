@@ -115,8 +115,14 @@ class SFTObjective(_Stateless):
     def collate(self, processor: Any, items: Sequence[Mapping[str, Any]]) -> MicroBatch:
         skipped: list[int] = []
         batch = collate_sft(processor, items, self.max_length, self.truncation, skipped)
-        if not self.cfg.completion_only_loss:
-            batch["completion_mask"] = _without_vision(processor, batch)
+        kept = [row for b, row in enumerate(items) if b not in skipped]
+        # Rows trained on every text token: all without completion_only_loss; `messages` rows without
+        # assistant_only_loss (TRL's SFT default for conversations).
+        full = torch.tensor([not self.cfg.completion_only_loss or (row.get("messages") is not None
+                             and not self.cfg.assistant_only_loss) for row in kept], dtype=torch.bool)
+        if full.any():
+            every = _without_vision(processor, batch)
+            batch["completion_mask"] = torch.where(full[:, None], every, batch["completion_mask"])
         return MicroBatch(batch, skipped=len(skipped))
 
     def counts(self, mb: MicroBatch) -> dict[str, torch.Tensor]:

@@ -245,7 +245,9 @@ def test_overrides_apply_over_file_and_split_lists(tmp_path):
     assert cfg.method == "dpo" and cfg.train.learning_rate == 2e-5 and cfg.train.max_steps == 20
     assert cfg.reward.funcs == ["format", "accuracy", "len.py:fn"] and cfg.logging.report_to == ["none"]
     assert cfg.learner.resources == {"a": 1.0, "b": 0.5}
-    assert load_config(path, method="mpo").method == "mpo"  # the subcommand wins over the file
+    assert load_config(path, method="dpo").method == "dpo"
+    with pytest.raises(ConfigError, match=r"^method: .* says `method: dpo` but the command is `raylign mpo`"):
+        load_config(path, method="mpo")  # a file written for another method is refused, not silently re-used
     with pytest.raises(ConfigError, match="^method: --method=dpo contradicts the `sft` command"):
         load_config(path, ["--method=dpo"], method="sft")
 

@@ -249,22 +249,15 @@ def test_generated_reference_and_migration_table_are_current():
 
 
 def test_migration_table_names_only_real_keys():
-    pytest.importorskip("trl", reason="the migration table is generated from TRL's config classes")
-    sys.path.insert(0, str(ROOT / "docs"))
-    import gen_migration
+    from raylign.config import trl
+    from raylign.config.loader import _schema_keys
 
-    classes, keys = gen_migration.trl_classes(), gen_migration.config_keys()
-    gen_migration.check_tables(classes, keys)
-    rows = {name: gen_migration.table_rows(name, classes, keys) for name in gen_migration.SECTIONS}
-    grpo = {trl: key for trl, key, _ in rows["GRPOConfig"]}
-    assert grpo["epsilon_high"] == "grpo.epsilon_high" and grpo["use_vllm"] == "rollout.engine"
-    assert {trl: key for trl, key, _ in rows["DPOConfig"]}["beta"] == "dpo.beta"
-    assert {trl: key for trl, key, _ in rows["TrainingArguments"]}["learning_rate"] == "train.learning_rate"
-    assert sum(len(r) for r in rows.values()) >= 60
-    bad = dict(gen_migration.RENAMED)
-    bad["GRPOConfig"] = {**bad["GRPOConfig"], "use_vllm": ("rollout.no_such_key", "")}
+    trl.check_table(set(_schema_keys()))
+    assert trl.TABLE["epsilon_high"].to == ("grpo.epsilon_high",) and "rollout.engine" in trl.TABLE["use_vllm"].to
+    assert trl.TABLE["DPOConfig.beta"].to == ("dpo.beta",) and trl.TABLE["learning_rate"].to == ("train.learning_rate",)
+    assert len(trl.TABLE) >= 60
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gen_migration, "RENAMED", bad)
+        mp.setitem(trl.TABLE, "use_vllm", trl.Rule(("rollout.no_such_key",)))
         with pytest.raises(ValueError, match="no_such_key"):
-            gen_migration.check_tables(classes, keys)
+            trl.check_table(set(_schema_keys()))
 

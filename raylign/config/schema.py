@@ -196,7 +196,7 @@ class GRPOConfig:
     top_p: float = _f(1.0, "Nucleus sampling mass.", gt=0, le=1)
     top_k: int = _f(0, "Top-k sampling; 0 disables.", ge=0)
     epsilon: float = _f(0.2, "Lower clip range of the importance ratio.", gt=0, le=1)
-    epsilon_high: float | None = _f(None, "Upper clip range; None = epsilon.", ge=0)
+    epsilon_high: float | None = _f(None, "Upper clip range; None = epsilon.", gt=0)
     delta: float | None = _f(
         None, "Two-sided clip: cap the ratio at delta (> 1) for negative advantages.", gt=1
     )

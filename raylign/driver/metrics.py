@@ -35,13 +35,21 @@ class MetricsLogger:
         project: str = "raylign",
         run_name: str | None = None,
         resume: bool = False,
+        resume_step: int | None = None,
     ):
+        """``resume`` appends to the run's files. With ``resume_step`` the rows of later steps, which the
+        interrupted run wrote after that checkpoint and the resumed run writes again, are dropped
+        first (TensorBoard purges them too), so every step keeps one row."""
         unknown = sorted(set(report_to) - set(BACKENDS))
         if unknown:
             raise ValueError(f"logging.report_to: unknown backend(s) {unknown}; choose from {list(BACKENDS)}")
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         mode = "a" if resume else "w"
+        purge = resume_step is not None and resume
+        if purge:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                drop_rows_after(self.run_dir / name, resume_step)
         self._jsonl = open(self.run_dir / "metrics.jsonl", mode, buffering=1)
         self._samples = open(self.run_dir / "samples.jsonl", mode, buffering=1)
         self._start = time.time()
@@ -49,7 +57,8 @@ class MetricsLogger:
         if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"),
+                                     purge_step=resume_step + 1 if purge else None)
         if "wandb" in report_to:
             self._wandb = _require("wandb").init(
                 project=project, name=run_name or self.run_dir.name, config=dict(config or {}), dir=str(self.run_dir)
@@ -99,6 +108,30 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+    """Rewrite a JSONL file of ``{"step": ...}`` rows without those after ``step``; returns rows dropped.
+
+    A half-written last line (the run was killed mid-write) goes too; other unreadable lines stay.
+    """
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):  # kept unless it is the cut-off tail
+            row_step = None if i < len(lines) - 1 else math.inf
+        if row_step is None or row_step <= step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)  # atomic: a crash now leaves the old file or the new one, never half of each
+    return len(lines) - len(kept)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -94,7 +94,7 @@ class OfflineRun:
             raise
         self.log = MetricsLogger(self.run_dir, cfg.logging.report_to, config=config_to_dict(cfg),
                                  project=cfg.logging.project, run_name=cfg.run_name,
-                                 resume=self.resume_from is not None)
+                                 resume=self.resume_from is not None, resume_step=self.start_step)
 
     # ------------------------------------------------------------------ parts
 

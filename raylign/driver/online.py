@@ -98,7 +98,7 @@ class OnlineRun:
         self._audit = open(self.run_dir / "prompts.jsonl", "a" if self.resume_from else "w", buffering=1)
         self.log = MetricsLogger(self.run_dir, cfg.logging.report_to, config=config_to_dict(cfg),
                                  project=cfg.logging.project, run_name=cfg.run_name,
-                                 resume=self.resume_from is not None)
+                                 resume=self.resume_from is not None, resume_step=self.start_step)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -1,47 +1,88 @@
-"""Clipped policy-gradient loss for GRPO and GSPO (and the DAPO / Dr. GRPO / BNPO aggregations).
+"""Policy-gradient losses for GRPO and GSPO: TRL 1.16's eight ``loss_type``s and its off-policy corrections.
 
-Semantics follow TRL 1.16 ``GRPOTrainer._compute_loss`` for the loss types named here, with
-truncated importance sampling as TRL's ``vllm_importance_sampling_mode="token_truncate"``.
+Semantics follow TRL 1.16 ``GRPOTrainer._compute_loss`` (and, for the behaviour weights, its
+``_generate_and_score_completions``). The per-token surrogates live in ``surrogates.py``, the
+behaviour-policy correction in ``importance.py``; this file validates the settings, combines the
+pieces in TRL's order and reduces token losses to one number.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
+from raylign.algos import surrogates
 from raylign.algos._common import Normaliser, check_same_shape, masked_mean, normaliser, zero_masked
+from raylign.algos.importance import (
+    IMPORTANCE_SAMPLING_MODES,
+    ImportanceSamplingMode,
+    behaviour_weights,
+    mismatch_metrics,
+    off_policy_keep,
+    weight_metrics,
+)
 from raylign.algos.kl import KLEstimator, kl_penalty
 
-PolicyLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+PolicyLossType = Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"]
+POLICY_LOSS_TYPES: tuple[str, ...] = get_args(PolicyLossType)
 ImportanceSamplingLevel = Literal["token", "sequence"]
+CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")  # PPO's clipped surrogate
+
+# How each loss type reduces its token losses to one number (TRL 1.16):
+#   sequence_mean: mean over each sequence's tokens, then over sequences;  sequence_sum: token sum per
+#   sequence, mean over sequences (LUSPO: a sequence weighs by its length);  token_mean: sum over the
+#   global token count (DAPO);  local_token_mean: mean over this call's tokens (BNPO);
+#   constant: sum / (sequences * max_completion_length) (Dr. GRPO).
+AGGREGATION: dict[str, str] = {
+    "grpo": "sequence_mean",
+    "sapo": "sequence_mean",
+    "luspo": "sequence_sum",
+    "dapo": "token_mean",
+    "cispo": "token_mean",
+    "vespo": "token_mean",
+    "bnpo": "local_token_mean",
+    "dr_grpo": "constant",
+}
+_TOKEN_SUM_TYPES = ("bnpo", "dr_grpo", "dapo", "cispo")  # TRL warns for these at sequence level
 
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """Configuration of ``policy_loss`` (names as TRL's ``GRPOConfig``).
+    """Configuration of ``policy_loss`` (names and defaults as TRL 1.16's ``GRPOConfig``).
 
     Attributes:
         epsilon: lower clip range, ratio clipped below at ``1 - epsilon``; in (0, 1].
         epsilon_high: upper clip range, ratio clipped above at ``1 + epsilon_high`` (DAPO's
-            clip-higher); ``None`` means ``epsilon``.
+            clip-higher); ``None`` means ``epsilon``. For ``"cispo"`` it is the absolute cap on the
+            ratio (ScaleRL recommends 5.0).
         delta: optional upper bound on the unclipped ratio (two-sided clipping, INTELLECT-2);
             must be > 1, TRL recommends > 1 + epsilon.
         importance_sampling_level: ``"token"`` (one ratio per token) or ``"sequence"`` (GSPO:
             one ratio per sequence, exp of the mean token log-ratio).
-        loss_type: how token losses become one number: ``"grpo"`` (mean per sequence, then mean
-            over sequences), ``"bnpo"`` (token mean over the local batch), ``"dr_grpo"`` (token sum
-            / (sequences * max_completion_length)), ``"dapo"`` (token sum / global token count).
+        loss_type: the surrogate and its aggregation (see ``AGGREGATION``): ``"grpo"``, ``"bnpo"``,
+            ``"dr_grpo"``, ``"dapo"`` and ``"luspo"`` use PPO's clip; ``"cispo"`` a capped detached
+            ratio times ``log pi``; ``"sapo"`` a soft sigmoid gate; ``"vespo"`` a Gamma weight of the
+            sequence ratio times ``log pi``.
         beta: KL coefficient; > 0 needs ``ref_logprobs``.
         kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (TRL's), see ``kl_penalty``.
         use_bias_correction_kl: multiply the per-token KL by the (differentiable) importance
             ratio, TRL 1.16's default; it changes the KL gradient even on-policy.
         max_completion_length: the generation length cap; required by ``"dr_grpo"``.
-        tis_cap: truncated importance sampling: multiply each token loss by
-            ``min(exp(old_logprobs - sampler_logprobs), tis_cap)`` (detached), correcting for the
-            sampler (e.g. vLLM) differing from the learner. ``None`` disables it.
+        vllm_importance_sampling_correction: weight each token by the behaviour ratio
+            ``pi_prox / pi_behaviour`` (``old_logprobs`` over ``sampler_logprobs``), see
+            ``importance.behaviour_weights``; needs ``sampler_logprobs``.
+        vllm_importance_sampling_mode: ``token_truncate``, ``token_mask``, ``sequence_truncate`` or
+            ``sequence_mask`` (TRL's default).
+        vllm_importance_sampling_clip_max / vllm_importance_sampling_clip_min: the bounds
+            ``[C_min, C_max]`` the behaviour ratio is truncated to, or masked outside of; None = open.
+        off_policy_mask_threshold: drop negative-advantage sequences whose mean
+            ``log pi_behaviour - log pi`` exceeds it (DeepSeek-V3.2's off-policy sequence mask); None = off.
+        sapo_temperature_pos / sapo_temperature_neg: SAPO's gate temperatures for positive / other advantages.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's Gamma-weight power and
+            decay for non-negative / negative advantages.
     """
 
     epsilon: float = 0.2
@@ -53,7 +94,17 @@ class PolicyLossConfig:
     kl_estimator: KLEstimator = "k3"
     use_bias_correction_kl: bool = True
     max_completion_length: int | None = None
-    tis_cap: float | None = None
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: ImportanceSamplingMode = "sequence_mask"
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
+    off_policy_mask_threshold: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.epsilon <= 1.0:
@@ -66,8 +117,8 @@ class PolicyLossConfig:
             raise ValueError(
                 f"unknown importance_sampling_level {self.importance_sampling_level!r}; use 'token' or 'sequence'"
             )
-        if self.loss_type not in ("grpo", "bnpo", "dr_grpo", "dapo"):
-            raise ValueError(f"unknown loss_type {self.loss_type!r}; use 'grpo', 'bnpo', 'dr_grpo' or 'dapo'")
+        if self.loss_type not in POLICY_LOSS_TYPES:
+            raise ValueError(f"unknown loss_type {self.loss_type!r}; use one of {', '.join(POLICY_LOSS_TYPES)}")
         if not self.beta >= 0.0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.kl_estimator not in ("k1", "k2", "k3"):
@@ -76,14 +127,70 @@ class PolicyLossConfig:
             self.max_completion_length is None or self.max_completion_length < 1
         ):
             raise ValueError("loss_type 'dr_grpo' needs max_completion_length (a positive int)")
-        if self.tis_cap is not None and not self.tis_cap > 0.0:
-            raise ValueError(f"tis_cap must be > 0 (or None to disable), got {self.tis_cap}")
-        if self.importance_sampling_level == "sequence" and self.loss_type != "grpo":
-            warnings.warn(
-                f"importance_sampling_level='sequence' with loss_type={self.loss_type!r} weights each sequence "
-                "by its length; the GSPO paper uses loss_type='grpo' (PolicyLossConfig.gspo())",
-                stacklevel=3,
+        self._check_behaviour_correction()
+        self._check_soft_losses()
+        self._warn_unusual_combinations()
+
+    def _check_behaviour_correction(self) -> None:
+        mode, low, high = (
+            self.vllm_importance_sampling_mode,
+            self.vllm_importance_sampling_clip_min,
+            self.vllm_importance_sampling_clip_max,
+        )
+        if mode not in IMPORTANCE_SAMPLING_MODES:
+            raise ValueError(
+                f"unknown vllm_importance_sampling_mode {mode!r}; use one of {', '.join(IMPORTANCE_SAMPLING_MODES)}"
             )
+        if high is not None and not high > 0.0:
+            raise ValueError(f"vllm_importance_sampling_clip_max must be > 0 (or None), got {high}")
+        if low is not None and not low >= 0.0:
+            raise ValueError(f"vllm_importance_sampling_clip_min must be >= 0 (or None), got {low}")
+        if low is not None and high is not None and not low < high:
+            raise ValueError(
+                f"vllm_importance_sampling_clip_min ({low}) must be below vllm_importance_sampling_clip_max ({high})"
+            )
+        if self.vllm_importance_sampling_correction and mode.endswith("truncate") and low is None and high is None:
+            raise ValueError(f"vllm_importance_sampling_mode {mode!r} needs vllm_importance_sampling_clip_min or _max")
+        if self.off_policy_mask_threshold is not None and not self.off_policy_mask_threshold >= 0.0:
+            raise ValueError(f"off_policy_mask_threshold must be >= 0 (or None), got {self.off_policy_mask_threshold}")
+
+    def _check_soft_losses(self) -> None:
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            if not getattr(self, name) > 0.0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"):
+            if not getattr(self, name) >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if (
+            self.loss_type == "vespo"
+            and self.vllm_importance_sampling_correction
+            and not self.vllm_importance_sampling_mode.startswith("token")
+        ):
+            raise ValueError(
+                "loss_type 'vespo' folds token behaviour weights into its sequence weight: set "
+                "vllm_importance_sampling_mode to token_truncate or token_mask"
+            )
+
+    def _warn_unusual_combinations(self) -> None:
+        level, loss_type = self.importance_sampling_level, self.loss_type
+        if level == "sequence" and loss_type in _TOKEN_SUM_TYPES:
+            self._warn(
+                f"importance_sampling_level='sequence' with loss_type={loss_type!r} weights each sequence "
+                "by its length; the GSPO paper uses loss_type='grpo' (PolicyLossConfig.gspo())"
+            )
+        if loss_type == "luspo" and level != "sequence":
+            self._warn("loss_type 'luspo' is meant for importance_sampling_level='sequence' (the LUSPO paper)")
+        if loss_type == "vespo" and level != "token":
+            self._warn("loss_type 'vespo' computes its own sequence weight; use importance_sampling_level='token'")
+        if loss_type == "cispo" and self.clip_high < 1.0:
+            self._warn(
+                f"loss_type 'cispo' caps the ratio at epsilon_high itself (ScaleRL uses 5.0); {self.clip_high} "
+                "down-weights every on-policy token"
+            )
+
+    @staticmethod
+    def _warn(message: str) -> None:
+        warnings.warn(message, stacklevel=5)
 
     @property
     def clip_high(self) -> float:
@@ -111,6 +218,11 @@ def _log_importance_weights(log_ratio: torch.Tensor, mask: torch.Tensor, level: 
     return log_ratio.sum(-1, keepdim=True) / lengths
 
 
+def _metric_mask(coef_1: torch.Tensor, mask: torch.Tensor, level: str) -> torch.Tensor:
+    """What ratio metrics average over, as TRL: tokens, or every sequence at sequence level."""
+    return torch.ones_like(coef_1, dtype=torch.bool) if level == "sequence" else mask
+
+
 def _aggregate(
     per_token: torch.Tensor,
     mask: torch.Tensor,
@@ -118,24 +230,73 @@ def _aggregate(
     num_tokens: Normaliser,
     num_sequences: Normaliser,
 ) -> torch.Tensor:
-    """Reduce ``[B, T]`` token losses (0 on padding) to the scalar loss of ``cfg.loss_type``."""
-    local_seqs = torch.tensor(per_token.shape[0])
-    if cfg.loss_type == "grpo":
+    """Reduce ``[B, T]`` token losses (0 on padding) to the scalar loss of ``cfg.loss_type`` (``AGGREGATION``)."""
+    how = AGGREGATION[cfg.loss_type]
+    sequences = normaliser(num_sequences, torch.tensor(per_token.shape[0]), per_token)
+    if how == "sequence_mean":
         per_seq = per_token.sum(-1) / mask.sum(-1).to(per_token.dtype).clamp(min=1.0)
-        return per_seq.sum() / normaliser(num_sequences, local_seqs, per_token)
-    if cfg.loss_type == "bnpo":
+        return per_seq.sum() / sequences
+    if how == "sequence_sum":
+        return per_token.sum() / sequences
+    if how == "local_token_mean":
         return per_token.sum() / normaliser(None, mask.sum(), per_token)
-    if cfg.loss_type == "dr_grpo":
-        return per_token.sum() / (
-            normaliser(num_sequences, local_seqs, per_token) * cfg.max_completion_length
+    if how == "constant":
+        return per_token.sum() / (sequences * cfg.max_completion_length)
+    return per_token.sum() / normaliser(num_tokens, mask.sum(), per_token)  # token_mean
+
+
+def _surrogate(
+    cfg: PolicyLossConfig,
+    coef_1: torch.Tensor,
+    adv: torch.Tensor,
+    logp: torch.Tensor,
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    behaviour: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The per-token loss of ``cfg.loss_type`` (broadcastable to ``[B, T]``) and its own metrics."""
+    if cfg.loss_type in CLIPPED_LOSS_TYPES:
+        per_token, bounded = surrogates.clipped(coef_1, adv, cfg.epsilon, cfg.clip_high, cfg.delta)
+        return per_token, _clip_metrics(bounded, adv, _metric_mask(coef_1, mask, cfg.importance_sampling_level), cfg)
+    if cfg.loss_type == "cispo":
+        high = (coef_1.detach() > cfg.clip_high) & (adv > 0)
+        metrics = {"cispo_clip_ratio": masked_mean(high.to(coef_1.dtype), _metric_mask(coef_1, mask, cfg.importance_sampling_level))}
+        return surrogates.cispo(coef_1, adv, logp, cfg.clip_high), metrics
+    if cfg.loss_type == "sapo":
+        return surrogates.sapo(coef_1, adv, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg), {}
+    phi = surrogates.vespo_weights(
+        adv,
+        log_ratio,
+        mask,
+        behaviour,
+        (cfg.vespo_k_pos, cfg.vespo_k_neg),
+        (cfg.vespo_lambda_pos, cfg.vespo_lambda_neg),
+    )
+    return surrogates.vespo(phi, adv, logp), {"vespo/phi_seq_mean": phi.mean()}
+
+
+def _check_inputs(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+    optional: dict[str, torch.Tensor | None],
+) -> None:
+    check_same_shape("logprobs", logprobs, mask)
+    check_same_shape("old_logprobs", old_logprobs, mask)
+    for name, value in optional.items():
+        if value is not None:
+            check_same_shape(name, value, mask)
+    if advantages.shape != logprobs.shape[:1]:
+        raise ValueError(f"advantages must be [B]={tuple(logprobs.shape[:1])}, got {tuple(advantages.shape)}")
+    if cfg.beta > 0 and optional["ref_logprobs"] is None:
+        raise ValueError("cfg.beta > 0 needs ref_logprobs; pass the reference model's logprobs or set beta=0")
+    if cfg.vllm_importance_sampling_correction and optional["sampler_logprobs"] is None:
+        raise ValueError(
+            "cfg.vllm_importance_sampling_correction needs sampler_logprobs (the behaviour policy's); pass them "
+            "or set vllm_importance_sampling_correction=False"
         )
-    return per_token.sum() / normaliser(num_tokens, mask.sum(), per_token)  # dapo
-
-
-def _tis_weights(old: torch.Tensor, sampler: torch.Tensor, mask: torch.Tensor, cap: float) -> torch.Tensor:
-    """Detached ``min(exp(old - sampler), cap)`` per token; 1 on padding and where sampler is NaN."""
-    diff = torch.nan_to_num(zero_masked(old - sampler, mask), nan=0.0)
-    return torch.exp(diff).clamp(max=cap).detach()
 
 
 def policy_loss(
@@ -151,23 +312,29 @@ def policy_loss(
     num_sequences: Normaliser = None,
     entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-style clipped surrogate loss of a micro-batch of completions.
+    """The policy-gradient loss of ``cfg.loss_type`` on a micro-batch of completions (decoupled PPO).
+
+    Order of terms as TRL: surrogate on the ratio ``pi / pi_old`` -> off-policy sequence mask ->
+    behaviour weight ``pi_old / pi_sampler`` (folded into VESPO's weight instead) -> ``+ beta * KL``
+    -> aggregation.
 
     Args:
         logprobs: ``[B, T]`` current policy log-probability of each completion token (with grad).
-        old_logprobs: ``[B, T]`` the same under the policy that the ratio is taken against (the
-            learner's recomputation for the weights that sampled); constant.
+        old_logprobs: ``[B, T]`` the proximal policy's: the learner's logprobs for the weights that
+            started this optimizer step's batch (``logprobs.detach()`` on its first pass); constant.
         advantages: ``[B]`` one advantage per completion (e.g. ``group_advantages``); constant.
         mask: ``[B, T]`` 1/True on completion tokens that count. Masked positions never affect the
             loss or its gradient, whatever the tensors hold there.
-        cfg: clipping, importance-sampling level, aggregation, KL and TIS settings.
+        cfg: surrogate, importance-sampling level, aggregation, KL and behaviour-correction settings.
         ref_logprobs: ``[B, T]`` reference-model logprobs; required when ``cfg.beta > 0``, and
             when given the ``kl`` metric is reported even with ``beta == 0``.
-        sampler_logprobs: ``[B, T]`` logprobs reported by the sampler at generation time; used
-            for truncated importance sampling when ``cfg.tis_cap`` is set (NaN entries mean
-            "unknown" and get weight 1).
-        num_tokens: global completion-token count for ``"dapo"``; num_sequences: global sequence
-            count for ``"grpo"`` and ``"dr_grpo"``. Global means over all micro-batches and
+        sampler_logprobs: ``[B, T]`` the behaviour policy's logprobs, reported by the rollout engine
+            at generation time (NaN = unknown: no correction there). Required by
+            ``cfg.vllm_importance_sampling_correction``; also read by the off-policy mask (which
+            falls back to ``old_logprobs``) and, when given, the ``sampling/*`` mismatch metrics.
+        num_tokens: global completion-token count for the token-mean aggregations (``dapo``,
+            ``cispo``, ``vespo``); num_sequences: global sequence count for the per-sequence ones
+            (``grpo``, ``sapo``, ``luspo``, ``dr_grpo``). Global means over all micro-batches and
             data-parallel ranks of one optimizer step, so that the SUM of the returned losses
             equals the full-batch loss; ``None`` uses the local count (a plain mean here).
             ``"bnpo"`` always uses the local token count (TRL then divides by the accumulation
@@ -175,74 +342,70 @@ def policy_loss(
         entropy: ``[B, T]`` per-token entropy, only for the ``entropy`` metric.
 
     Returns:
-        ``(loss, metrics)``: 0-d loss; detached 0-d metrics ``loss``, ``clip_ratio/low_mean``,
-        ``clip_ratio/high_mean``, ``clip_ratio/region_mean`` (fraction of tokens, or of sequences
-        at sequence level, whose clipped branch is active), ``ratio/mean``, ``num_tokens`` (local),
-        and ``kl``, ``entropy``, ``tis/ratio_mean`` when computed. Metric means are local to this call.
+        ``(loss, metrics)``: 0-d loss; detached 0-d metrics ``loss``, ``ratio/mean``, ``num_tokens``
+        (local); the clipped family's ``clip_ratio/{low,high,region}_mean`` (fraction of tokens, or
+        of sequences at sequence level, whose clipped branch is active), ``cispo_clip_ratio``,
+        ``vespo/phi_seq_mean``; ``kl``, ``entropy`` when computed; with ``sampler_logprobs`` the
+        mismatch metrics of ``importance.mismatch_metrics``, with the correction on those of
+        ``importance.weight_metrics``, with the off-policy mask ``sampling/off_policy_masked_frac``.
+        Metric means are local to this call.
     """
-    check_same_shape("logprobs", logprobs, mask)
-    check_same_shape("old_logprobs", old_logprobs, mask)
-    if advantages.shape != logprobs.shape[:1]:
-        raise ValueError(f"advantages must be [B]={tuple(logprobs.shape[:1])}, got {tuple(advantages.shape)}")
-    if cfg.beta > 0 and ref_logprobs is None:
-        raise ValueError("cfg.beta > 0 needs ref_logprobs; pass the reference model's logprobs or set beta=0")
-    if cfg.tis_cap is not None and sampler_logprobs is None:
-        raise ValueError(
-            "cfg.tis_cap is set but sampler_logprobs is None; pass the sampling logprobs or tis_cap=None"
-        )
+    optional = {"ref_logprobs": ref_logprobs, "sampler_logprobs": sampler_logprobs, "entropy": entropy}
+    _check_inputs(logprobs, old_logprobs, advantages, mask, cfg, optional)
     m = mask.bool()
     logp = zero_masked(logprobs, m)
-    log_ratio = logp - zero_masked(old_logprobs, m).detach()
+    old = zero_masked(old_logprobs, m).detach()
+    log_ratio = logp - old
     coef_1 = torch.exp(_log_importance_weights(log_ratio, m, cfg.importance_sampling_level))
     adv = advantages.detach().unsqueeze(-1).to(logp.dtype)
-    coef_2 = torch.clamp(coef_1, 1 - cfg.epsilon, 1 + cfg.clip_high)
-    coef_1_bounded = coef_1 if cfg.delta is None else torch.clamp(coef_1, max=cfg.delta)
-    per_token = -torch.min(coef_1_bounded * adv, coef_2 * adv).expand_as(logp)
     metrics: dict[str, torch.Tensor] = {}
-    if cfg.tis_cap is not None:
-        check_same_shape("sampler_logprobs", sampler_logprobs, mask)
-        tis = _tis_weights(old_logprobs.detach(), sampler_logprobs.detach(), m, cfg.tis_cap)
-        per_token = per_token * tis
-        metrics["tis/ratio_mean"] = masked_mean(tis, m)
+    behaviour = None
+    if sampler_logprobs is not None:
+        metrics.update(mismatch_metrics(old, sampler_logprobs, m))
+    if cfg.vllm_importance_sampling_correction:
+        mode = cfg.vllm_importance_sampling_mode
+        behaviour = behaviour_weights(
+            old, sampler_logprobs, m, mode, cfg.vllm_importance_sampling_clip_min, cfg.vllm_importance_sampling_clip_max
+        )
+        metrics.update(weight_metrics(behaviour, m, mode))
+    per_token, own = _surrogate(cfg, coef_1, adv, logp, log_ratio, m, behaviour)
+    metrics.update(own)
+    if cfg.off_policy_mask_threshold is not None:
+        sampled = old if sampler_logprobs is None else sampler_logprobs
+        keep = off_policy_keep(advantages.to(logp.dtype), logp, sampled, m, cfg.off_policy_mask_threshold)
+        per_token = per_token * keep
+        metrics["sampling/off_policy_masked_frac"] = 1 - keep.mean()
+    if behaviour is not None and cfg.loss_type != "vespo":
+        per_token = per_token * behaviour
     if ref_logprobs is not None:
-        check_same_shape("ref_logprobs", ref_logprobs, mask)
         kl = kl_penalty(logp, zero_masked(ref_logprobs, m).detach(), cfg.kl_estimator)
         if cfg.use_bias_correction_kl:
             kl = kl * coef_1
         if cfg.beta > 0:
             per_token = per_token + cfg.beta * kl
         metrics["kl"] = masked_mean(kl, m)
-    loss = _aggregate(zero_masked(per_token, m), m, cfg, num_tokens, num_sequences)
-    metrics.update(_clip_metrics(coef_1, coef_1_bounded, adv, m, cfg))
+    loss = _aggregate(zero_masked(per_token.expand_as(logp), m), m, cfg, num_tokens, num_sequences)
+    metrics["ratio/mean"] = masked_mean(coef_1, _metric_mask(coef_1, m, cfg.importance_sampling_level))
     metrics["loss"] = loss.detach()
     metrics["num_tokens"] = m.sum().to(logp.dtype)
     if entropy is not None:
-        check_same_shape("entropy", entropy, mask)
         metrics["entropy"] = masked_mean(entropy, m)
     return loss, metrics
 
 
 def _clip_metrics(
-    coef_1: torch.Tensor,
-    coef_1_bounded: torch.Tensor,
-    adv: torch.Tensor,
-    mask: torch.Tensor,
-    cfg: PolicyLossConfig,
+    bounded: torch.Tensor, adv: torch.Tensor, over: torch.Tensor, cfg: PolicyLossConfig
 ) -> dict[str, torch.Tensor]:
-    """Clip fractions as TRL logs them: over tokens, or over sequences at sequence level.
+    """Clip fractions as TRL logs them, over ``over`` (tokens, or every sequence at sequence level).
 
-    As in TRL, the low/high tests read the ratio after the ``delta`` bound; ``ratio/mean`` is
-    the raw importance ratio.
+    As in TRL, the low/high tests read the ratio after the ``delta`` bound.
     """
-    coef_1_bounded = coef_1_bounded.detach()
-    low = (coef_1_bounded < 1 - cfg.epsilon) & (adv < 0)
-    high = (coef_1_bounded > 1 + cfg.clip_high) & (adv > 0)
-    if cfg.importance_sampling_level == "sequence":  # one value per sequence, every sequence counts
-        mask = torch.ones_like(coef_1, dtype=torch.bool)
-    dtype = coef_1.dtype
+    bounded = bounded.detach()
+    low = (bounded < 1 - cfg.epsilon) & (adv < 0)
+    high = (bounded > 1 + cfg.clip_high) & (adv > 0)
+    dtype = bounded.dtype
     return {
-        "clip_ratio/low_mean": masked_mean(low.to(dtype), mask),
-        "clip_ratio/high_mean": masked_mean(high.to(dtype), mask),
-        "clip_ratio/region_mean": masked_mean((low | high).to(dtype), mask),
-        "ratio/mean": masked_mean(coef_1, mask),
+        "clip_ratio/low_mean": masked_mean(low.to(dtype), over),
+        "clip_ratio/high_mean": masked_mean(high.to(dtype), over),
+        "clip_ratio/region_mean": masked_mean((low | high).to(dtype), over),
     }

@@ -28,7 +28,8 @@ _SCRIPT = textwrap.dedent(
 
     logps = torch.randn(2, 3, requires_grad=True)
     loss, metrics = algos.policy_loss(
-        logps, logps.detach(), torch.tensor([1.0, -1.0]), torch.ones(2, 3), algos.PolicyLossConfig()
+        logps, logps.detach(), torch.tensor([1.0, -1.0]), torch.ones(2, 3), algos.PolicyLossConfig(),
+        sampler_logprobs=logps.detach(),
     )
     loss.backward()
     algos.sft_loss(logps, torch.ones(2, 3))

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from raylign.data.chat import Messages, render_prompt
+from raylign.data.chat import Messages, check_placeholder_counts, render_prompt
 from raylign.data.errors import DataError
 
 # Per-token processor outputs (padded with the batch); everything else is a vision tensor.
@@ -107,6 +107,7 @@ def process_batch(
 
     Returns ``(input_ids [L_b], per-token tensors [L_b], vision tensors)`` per row, unpadded.
     """
+    check_placeholder_counts(processor, texts, images)
     kwargs: dict[str, Any] = {"images": [list(i) for i in images]} if any(len(i) for i in images) else {}
     out = dict(processor(text=list(texts), padding=True, padding_side="right", return_tensors="pt", **kwargs))
     ids = out.pop("input_ids")

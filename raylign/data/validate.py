@@ -3,7 +3,7 @@
 One pass over the rows, in chunks, reading images as undecoded bytes and decoding each once (on a
 few threads: PIL decodes outside the GIL). The first bad row raises one DataError naming the row,
 the column, the problem and the fix; with ``skip_invalid=True`` bad rows are counted per reason
-instead and left out (``report.apply(ds)``).
+instead and left out (``report.apply(ds)``), as are too-long rows under ``truncation="skip"``.
 
 Reasons: ``empty_dataset`` and ``missing_column`` (always raised), ``bad_format``,
 ``placeholder_mismatch``, ``empty_image``, ``missing_image_file``, ``corrupt_image``,
@@ -19,13 +19,21 @@ from typing import Any, Iterator
 
 import datasets
 
-from raylign.data.chat import count_image_parts, is_conversational, to_messages
+from raylign.data.chat import (
+    IMAGE_PLACEHOLDERS,
+    count_image_parts,
+    count_literal_placeholders,
+    is_conversational,
+    literal_problem,
+    to_messages,
+)
 from raylign.data.datasets import REQUIRED_COLUMNS, VLMDataset, check_columns
 from raylign.data.errors import DataError, row_error
 from raylign.data.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, ImageProblem, check_image
 from raylign.data.lengths import LengthCounter
 
 _SKIP_HINT = " (or set skip_invalid=True to skip such rows)"
+_COMPLETION_COLUMNS = ("completion", "chosen", "rejected")  # assistant text: never holds an image
 _IMAGE_FIX = {
     "empty_image": "re-encode the image or drop the row",
     "bad_image_value": "store images as the datasets Image feature, bytes or file paths",
@@ -97,7 +105,7 @@ def _format_problem(kind: str, row: dict[str, Any], n_images: int) -> _Problem |
     columns = REQUIRED_COLUMNS[kind]
     if kind == "sft" and row.get("messages") is None:
         columns = ("prompt", "completion")
-    placeholders = 0
+    placeholders, literals = 0, 0
     for col in columns:
         value = row.get(col)
         if not (isinstance(value, str) and value) and not is_conversational(value):
@@ -107,8 +115,13 @@ def _format_problem(kind: str, row: dict[str, Any], n_images: int) -> _Problem |
                 f"expected a non-empty string or a list of chat messages, got {type(value).__name__}",
                 "fix the row or drop it",
             )
-        if is_conversational(value):
-            placeholders += count_image_parts(to_messages(value))
+        if col in _COMPLETION_COLUMNS and isinstance(value, str):
+            value = [{"role": "assistant", "content": value}]
+        messages = to_messages(value)
+        if detail := literal_problem(messages):
+            return _Problem("placeholder_mismatch", col, detail, "fix the row or drop it")
+        placeholders += count_image_parts(messages)
+        literals += count_literal_placeholders(value)
     if (
         kind == "sft"
         and "messages" in columns
@@ -116,11 +129,13 @@ def _format_problem(kind: str, row: dict[str, Any], n_images: int) -> _Problem |
     ):
         return _Problem("bad_format", "messages", "no assistant turn to train on", "add an assistant message")
     if placeholders and placeholders != n_images:
+        written = f", {literals} of them written in the text as {' or '.join(map(repr, IMAGE_PLACEHOLDERS[1:]))}" if literals else ""
         return _Problem(
             "placeholder_mismatch",
             columns[0],
-            f"{placeholders} image placeholder(s) but {n_images} image(s)",
-            "give exactly one {'type': 'image'} part per image, in image order",
+            f"{placeholders} image placeholder(s){written} but {n_images} image(s)",
+            "give exactly one placeholder per image, in image order: a {'type': 'image'} part, or '<image>' "
+            "written where the image goes",
         )
     return None
 
@@ -167,7 +182,8 @@ def validate_dataset(
                     report.valid.append(index)
                     continue
                 error = row_error(index, problem.column, problem.detail, problem.fix + _SKIP_HINT)
-                if not skip_invalid:
+                # truncation='skip' drops too-long rows (counted) whatever skip_invalid says.
+                if not (skip_invalid or (problem.reason == "too_long" and truncation == "skip")):
                     raise error
                 report.skipped[problem.reason] += 1
                 report.examples.setdefault(problem.reason, str(error))

@@ -126,8 +126,8 @@ def test_placeholder_mismatch():
     ]
     ds = VLMDataset.from_list([{"prompt": two_parts, "images": [Image.new("RGB", (30, 30))]}])
     assert _error(ds) == (
-        "row 0, column 'prompt': 2 image placeholder(s) but 1 image(s); give exactly one {'type': 'image'} "
-        "part per image, in image order" + HINT
+        "row 0, column 'prompt': 2 image placeholder(s) but 1 image(s); give exactly one placeholder per "
+        "image, in image order: a {'type': 'image'} part, or '<image>' written where the image goes" + HINT
     )
 
 

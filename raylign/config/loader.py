@@ -40,7 +40,8 @@ _PRESETS: dict[str, list[tuple[str, Any, tuple[str, ...]]]] = {
 TINY_PRESET: dict[str, Any] = {
     "model.name_or_path": "tiny:llava", "model.dtype": "auto", "model.gradient_checkpointing": False,
     "model.attn_implementation": "sdpa",
-    "data.train": "synthetic:color", "data.eval": None, "data.eval_split_size": 16,
+    "data.train": "synthetic:color", "data.eval": None, "data.eval_split_size": 16, "data.prompt_column": "prompt",
+    "data.image_column": None, "data.completion_column": None, "data.system_prompt": None,
     "train.max_steps": 10, "train.per_device_train_batch_size": 4, "train.gradient_accumulation_steps": 1,
     "train.learning_rate": 5e-4, "train.eval_steps": 0,
     "learner.num_learners": 1, "learner.zero_stage": 2, "learner.precision": "auto", "learner.backend": "auto",

@@ -9,16 +9,22 @@ row is read, so a dataset larger than RAM is fine. The kind of a dataset follows
 
 each with optional images: an ``images`` list, or a single ``image`` column. Images may be stored
 as the ``datasets`` Image feature, raw bytes, or file paths (relative ones to the data file's folder).
+
+A dataset with its own column names is read as it is through ``Columns`` (the ``data.*_column``
+keys): e.g. multimodal-open-r1's ``problem`` + ``image`` become ``prompt`` + images, and a preference
+set's ``chosen`` becomes an SFT ``completion``; ``system_prompt`` puts a system turn before each prompt.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 import datasets
 
+from raylign.data.chat import is_conversational, to_messages
 from raylign.data.errors import DataError
 from raylign.data.images import decode_image, fit_image
 from raylign.hub import hub_endpoint, hub_offline, hub_reachable
@@ -70,6 +76,49 @@ def check_columns(columns: Sequence[str], kind: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Where a dataset keeps what raylign reads (defaults: raylign's own names)."""
+
+    prompt: str = "prompt"  # read as ``prompt``
+    image: str | None = None  # one image or a list per row; None = ``images`` or ``image``
+    completion: str | None = None  # read as ``completion`` (an SFT target), e.g. ``chosen``
+    system_prompt: str | None = None  # a system turn put before every prompt / conversation
+
+
+def rename_columns(hf, columns: Columns):
+    """``hf`` with the columns ``columns`` names renamed to raylign's (an Arrow rename: no copy)."""
+    names = list(hf.column_names or [])
+    wanted = [("data.prompt_column", columns.prompt, "prompt"), ("data.completion_column", columns.completion,
+              "completion"), ("data.image_column", columns.image, _image_target(hf, columns.image))]
+    mapping = {}
+    for key, source, target in wanted:
+        if source is None or source == target:
+            continue
+        if source not in names:
+            raise DataError(f"{key}: column {source!r} is not in the data; its columns are {sorted(names)}")
+        clash = [t for t in (IMAGE_COLUMNS if key == "data.image_column" else (target,)) if t in names]
+        if clash:
+            raise DataError(f"{key}: {source!r} would be read as {target!r}, but the data has a {clash[0]!r} "
+                            f"column too; point {key} at it, or drop one of them")
+        mapping[source] = target
+    return hf.rename_columns(mapping) if mapping else hf
+
+
+def _image_target(hf, source: str | None) -> str:
+    """``images`` for a list-of-images column, ``image`` for one image per row (from the Arrow features)."""
+    feature = (hf.features or {}).get(source) if source else None
+    return "images" if isinstance(feature, (list, datasets.List)) else "image"
+
+
+def with_system(prompt: Any, system: str, num_images: int) -> list[dict[str, Any]]:
+    """The prompt as chat messages with ``system`` as its first turn (an existing system turn is kept)."""
+    messages = to_messages(prompt, num_images)
+    if messages and messages[0].get("role") == "system":
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
 class VLMDataset:
     """A ``datasets`` dataset (map-style or streaming) whose rows come out ready for collation.
 
@@ -85,6 +134,7 @@ class VLMDataset:
         max_pixels: int | None = None,
         source: str = "",
         base_dir: str | None = None,
+        system_prompt: str | None = None,
     ):
         columns = list(hf.column_names or [])
         self.kind: Kind = kind or detect_kind(columns)
@@ -93,6 +143,7 @@ class VLMDataset:
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.source = source
         self.base_dir = base_dir
+        self.system_prompt = system_prompt
 
     @property
     def columns(self) -> list[str]:
@@ -119,18 +170,25 @@ class VLMDataset:
         return len(self.hf)
 
     def _wrap(self, hf) -> VLMDataset:
-        return VLMDataset(hf, self.kind, self.min_pixels, self.max_pixels, self.source, self.base_dir)
+        return VLMDataset(hf, self.kind, self.min_pixels, self.max_pixels, self.source, self.base_dir,
+                          self.system_prompt)
 
     def prepare(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A raw row with its images decoded, RGB and resized, under ``images``."""
+        """A raw row with its images decoded, RGB and resized, under ``images`` (and the system turn added)."""
         row = dict(row)
         if "image" in row:
             single = row.pop("image")
-            row.setdefault("images", [] if single is None else [single])
+            many = single if isinstance(single, (list, tuple)) else [] if single is None else [single]
+            row.setdefault("images", many)
         images = row.get("images") or []
         row["images"] = [
             fit_image(decode_image(v, self.base_dir), self.min_pixels, self.max_pixels) for v in images
         ]
+        if self.system_prompt:
+            for col in ("prompt", "messages"):
+                if isinstance(row.get(col), str) or is_conversational(row.get(col)):
+                    row[col] = with_system(row[col], self.system_prompt, len(row["images"]))
+                    break  # one system turn: a messages row's prompt is its own first turns
         return row
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -179,13 +237,16 @@ def load_dataset(
     min_pixels: int | None = None,
     max_pixels: int | None = None,
     cache_dir: str | None = None,
+    columns: Columns | None = None,
 ) -> VLMDataset:
     """Load a dataset from a local file or folder, or from the hub by name.
 
     Local: a ``.parquet`` / ``.jsonl`` / ``.json`` / ``.arrow`` / ``.csv`` file, a folder written by
     ``save_to_disk``, or any folder ``datasets`` reads (parquet files, an image folder with a
-    ``metadata.jsonl``). ``kind`` is detected from the columns when not given.
+    ``metadata.jsonl``). ``kind`` is detected from the columns (after ``columns`` renames them)
+    when not given.
     """
+    columns = columns or Columns()
     path = Path(os.path.expanduser(os.fspath(source)))
     if path.exists():
         hf = _load_local(path, split, streaming, cache_dir)
@@ -198,7 +259,8 @@ def load_dataset(
     else:
         hf = _load_hub(os.fspath(source), split, streaming, cache_dir)
         base_dir = None
-    return VLMDataset(hf, kind, min_pixels, max_pixels, source=os.fspath(source), base_dir=base_dir)
+    return VLMDataset(rename_columns(hf, columns), kind, min_pixels, max_pixels, source=os.fspath(source),
+                      base_dir=base_dir, system_prompt=columns.system_prompt)
 
 
 def _load_local(path: Path, split: str, streaming: bool, cache_dir: str | None):

@@ -14,7 +14,7 @@ from pathlib import Path
 import ray
 
 from raylign.config import RaylignConfig
-from raylign.data.datasets import VLMDataset, load_dataset, train_eval_split
+from raylign.data.datasets import Columns, VLMDataset, load_dataset, train_eval_split
 from raylign.data.validate import validate_dataset
 from raylign.driver.preflight import SYNTHETIC, TINY
 from raylign.driver.resume import (  # noqa: F401 (the drivers use them as common.*)
@@ -78,7 +78,8 @@ def init_ray(cfg: RaylignConfig) -> None:
         ray.init(address=cfg.ray_address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_wanted(cfg)))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # "local": a new instance even when a `ray start` cluster runs on this machine (ray.init would join it).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
 def load_job_data(cfg: RaylignConfig, processor, kind: str) -> tuple[VLMDataset, VLMDataset | None]:
@@ -89,8 +90,9 @@ def load_job_data(cfg: RaylignConfig, processor, kind: str) -> tuple[VLMDataset,
     """
     d = cfg.data
     pixels = dict(min_pixels=d.min_pixels, max_pixels=d.max_pixels)
-    train = load_dataset(d.train, kind=kind, **pixels)
-    evaluation = load_dataset(d.eval, kind=kind, **pixels) if d.eval else None
+    columns = Columns(d.prompt_column, d.image_column, d.completion_column, d.system_prompt)
+    train = load_dataset(d.train, kind=kind, columns=columns, **pixels)
+    evaluation = load_dataset(d.eval, kind=kind, columns=columns, **pixels) if d.eval else None
     if evaluation is None and d.eval_split_size:
         train, evaluation = train_eval_split(train, d.eval_split_size, seed=cfg.seed)
     max_length = None if kind == "prompt" else d.max_length

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -13,9 +14,11 @@ from raylign.rewards.builtin import accuracy_reward
 from raylign.rewards.group import RewardGroup
 
 HELPERS = """
-import time
+import os, tempfile, time
 
 def slow_len(completions, delay=None, **kwargs):
+    # A marker per call that has started, so tests act on an event rather than after a guessed sleep.
+    tempfile.mkstemp(dir=os.path.join(os.path.dirname(__file__), "started"))
     time.sleep(delay[0] if delay else 0.0)
     return [float(len(c if isinstance(c, str) else c[0]["content"])) for c in completions]
 """
@@ -23,7 +26,7 @@ def slow_len(completions, delay=None, **kwargs):
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -33,10 +36,24 @@ def group(ray_local, tmp_path_factory: pytest.TempPathFactory):
     """Two threaded worker actors shared by the tests below (an actor start costs seconds on 2 cores)."""
     path = tmp_path_factory.mktemp("rewards") / "actor_helpers.py"
     path.write_text(HELPERS)
+    (path.parent / "started").mkdir()
     specs = ["accuracy", "format", f"{path}:slow_len"]
     group = RewardGroup(specs, [1.0, 10.0, 1.0], num_workers=2, max_concurrency=4, num_cpus_per_worker=0.5)
+    group.started_dir = path.parent / "started"  # the test's own attribute: where slow_len marks its calls
     yield group
     group.close()
+
+
+def started_calls(group: RewardGroup) -> int:
+    """How many slow_len calls have started so far (one marker file each)."""
+    return len(os.listdir(group.started_dir))
+
+
+def wait_for_calls(group: RewardGroup, more_than: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while started_calls(group) <= more_than:
+        assert time.monotonic() < deadline, "no reward call started"
+        time.sleep(0.01)
 
 
 def make_rollout(texts: list[str], solution: str, uid: str, delay: float | None = None) -> Rollout:
@@ -123,17 +140,19 @@ def test_two_workers_score_in_order(group: RewardGroup) -> None:
 def test_killed_worker_is_replaced_and_scoring_completes(group: RewardGroup) -> None:
     rollouts = slow_rollouts()
     # Async path: kill a worker while its calls are running, then collect.
+    seen = started_calls(group)
     refs = [group.score_async(r) for r in rollouts]
-    time.sleep(0.15)
+    wait_for_calls(group, seen)
     victim = group.actors[0]
     ray.kill(victim)
     assert [g.rewards for g in group.get(refs)] == expected_slow_rewards()
     assert group.restarts == 1 and group.num_workers == 2 and victim not in group.actors
     # Sync path: kill during score(); the killed worker's share is scored again on its replacement.
-    timer = threading.Timer(0.15, ray.kill, args=(group.actors[1],))
-    timer.start()
+    seen, victim = started_calls(group), group.actors[1]
+    killer = threading.Thread(target=lambda: (wait_for_calls(group, seen), ray.kill(victim)))
+    killer.start()
     scored = group.score(rollouts)
-    timer.join()
+    killer.join()
     assert [g.rewards for g in scored] == expected_slow_rewards()
     assert group.restarts == 2 and group.num_workers == 2
 

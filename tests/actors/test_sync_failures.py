@@ -51,7 +51,7 @@ def busy(seconds: float):
 
 @pytest.fixture(scope="module")
 def parts(tiny_qwen_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     learners = LearnerGroup(
         ModelConfig(name_or_path=str(tiny_qwen_dir)),
         TrainConfig(learning_rate=2e-2, per_device_train_batch_size=1),

@@ -22,7 +22,7 @@ COMPARED = ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "learn
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_local():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

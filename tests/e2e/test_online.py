@@ -30,7 +30,7 @@ WARMUP_STEPS = 45
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -29,6 +29,15 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class TrainerState:
+    """The training progress a reward function sees as ``trainer_state`` (TRL's TrainerState fields)."""
+
+    global_step: int = 0  # optimizer steps done before the step this prompt feeds
+    max_steps: int = 0  # steps of the whole run (0 outside training, e.g. evaluation)
+    epoch: float = 0.0  # passes over the training prompts so far
+
+
+@dataclass(frozen=True)
 class RolloutRequest:
     """One prompt to sample ``sampling.n`` completions for."""
 
@@ -37,6 +46,7 @@ class RolloutRequest:
     images: tuple[Any, ...] = ()  # PIL images, in placeholder order
     columns: Mapping[str, Any] = field(default_factory=dict)  # extra dataset columns, e.g. solution
     sampling: SamplingParams = SamplingParams()
+    trainer_state: TrainerState | None = None  # handed to the reward functions; None outside training
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,9 @@ class ScoredGroup:
     timeouts: Mapping[str, int] = field(default_factory=dict)  # fn name -> calls that timed out
     errors: Mapping[str, int] = field(default_factory=dict)  # fn name -> calls that raised / died
     score_s: float = 0.0
+    error_messages: Mapping[str, str] = field(default_factory=dict)  # fn name -> why its call failed (one line)
+    logged_metrics: Mapping[str, tuple[float, ...]] = field(default_factory=dict)  # log_metric name -> values
+    logged_extra: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)  # log_extra column -> [n]
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import yaml
 
 from raylign.driver.metrics import read_metrics
 from raylign.report_plots import FAMILIES, TIME_KEYS, Run, expand, is_num, render_all
+from raylign.rewards.errors import load_reward_errors
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,12 @@ def summary_markdown(runs: Sequence[RunReport], plots: Sequence[Path]) -> str:
              for r in runs if (c := null_counts(r.run.rows))]
     if nulls:
         lines += ["", "Non-finite values (logged as null, not plotted): " + "; ".join(nulls)]
+    failing = [(r.name, name, fn) for r in runs for name, fn in load_reward_errors(r.dir).items()]
+    if failing:  # a reward function that fails is counted and the run goes on: say so up front
+        lines += ["", "## Reward functions that failed", "", "| run | function | failed calls | first step | first error |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {_cell(run)} | `{name}` | {fn['errors'] + fn['timeouts']} of {fn['calls']} | {fn['first_step']} "
+                  f"| {_cell(fn['first_message'], 200)} |" for run, name, fn in failing]
     lines += ["", "## Final metrics", "", *_final_table(runs), "", "## Plots", ""]
     lines += [f"![{p.stem}]({p.name})\n" for p in plots] or ["(no plottable metrics)"]
     for r in runs:
@@ -172,6 +179,7 @@ def summary_dict(runs: Sequence[RunReport], plots: Sequence[Path]) -> dict[str, 
                 "final": final_metrics(r.run.rows), "null_counts": null_counts(r.run.rows),
                 "num_samples": len(r.samples), "unreadable_samples": r.unreadable_samples,
                 "unreadable_images": r.unreadable_images, "samples_shown": r.sample_views,
+                "reward_errors": load_reward_errors(r.dir),
             }
             for r in runs
         ],

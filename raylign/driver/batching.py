@@ -116,7 +116,18 @@ def batch_metrics(groups: Sequence[ScoredGroup], version: int, num_iterations: i
         out[f"reward/{name}/errors"] = float(sum(grp.errors.get(name, 0) for grp in groups))
     if "reward/accuracy/mean" in out:
         out["accuracy"] = out["reward/accuracy/mean"]
+    out.update(logged_metrics(groups, reserved=set(out)))
     return out
+
+
+def logged_metrics(groups: Sequence[ScoredGroup], reserved: set[str] = frozenset()) -> dict[str, float]:
+    """What reward functions passed to ``log_metric``, averaged over the step (TRL's name; ``reward_fn/<name>``
+    when it would overwrite one of raylign's own metrics)."""
+    values: dict[str, list[float]] = {}
+    for grp in groups:
+        for name, logged in grp.logged_metrics.items():
+            values.setdefault(name, []).extend(logged)
+    return {(f"reward_fn/{k}" if k in reserved else k): _mean(v) for k, v in values.items()}
 
 
 def prompt_text(prompt: Any) -> str:
@@ -160,6 +171,8 @@ def sample_rows(groups: Sequence[ScoredGroup], k: int) -> list[dict[str, Any]]:
                 "solution": request.columns.get("solution"),
                 "policy_version": grp.rollout.policy_version,
                 "image": thumbnail_b64(request.images[0] if request.images else None),
+                **({"extra": {col: vals[0] for col, vals in grp.logged_extra.items() if vals}}
+                   if grp.logged_extra else {}),
             }
         )
     return rows

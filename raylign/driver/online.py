@@ -32,6 +32,7 @@ from raylign.learner.group import LearnerGroup
 from raylign.learner.objectives import make_objective
 from raylign.models.loading import load_processor
 from raylign.protocol import TrainBatch, UpdateResult
+from raylign.rewards.errors import RewardErrorLog
 from raylign.rewards.group import RewardGroup
 from raylign.rollout.engine import EngineSpec
 from raylign.rollout.group import RolloutGroup
@@ -89,6 +90,8 @@ class OnlineRun:
         self.sampler = PromptSampler(len(self.train_ds), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.start_step = 0
         self.last_checkpoint: Path | None = None
+        self.reward_errors = RewardErrorLog()  # failing reward functions: progress bar and reward_errors.json
+        self._new_reward_errors: list[str] = []
         if self.resume_from is not None:
             self._restore(self.resume_from)
         self.pipeline = RolloutPipeline(self.rollouts, self.rewards, self.train_ds, self.sampler, g,
@@ -185,6 +188,7 @@ class OnlineRun:
         t0 = time.perf_counter()
         version = self._version()
         got: StepBatch = self.pipeline.next_batch(step)
+        self._new_reward_errors = self.reward_errors.update(step + 1, got.groups)
         samples = train_samples(got.groups, self.cfg.grpo)
         t1 = time.perf_counter()
         batch = TrainBatch(tuple(samples), version)
@@ -256,12 +260,25 @@ class OnlineRun:
                 evals = self._evaluate() or evals
                 metrics.update(evals)
             self.log.log(done, metrics)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in (
+            postfix = {k: f"{v:.3g}" for k, v in (
                 ("reward", metrics["reward/mean"]), ("acc", evals.get("eval/accuracy", metrics.get("accuracy"))),
-                ("stale", metrics["staleness/max"]), ("s/step", metrics["time/step"])) if v is not None})
+                ("stale", metrics["staleness/max"]), ("s/step", metrics["time/step"])) if v is not None}
+            self._show_reward_errors(bar, postfix)
+            bar.set_postfix(postfix)
             if (t.save_steps and done % t.save_steps == 0) or done == self.total_steps:
                 self._save(done)
         return self.run_dir
+
+    def _show_reward_errors(self, bar, postfix: dict[str, str]) -> None:
+        """A reward function failing: one line the first time (name, count, message), then a count on the bar."""
+        for line in self._new_reward_errors:
+            bar.write(f"raylign: {line}")
+            logger.warning(line)
+        if self._new_reward_errors or self.reward_errors.failing():
+            self.reward_errors.save(self.run_dir)
+        text = self.reward_errors.postfix()
+        if text:
+            postfix["reward_errors"] = text
 
     def close(self) -> None:
         """Stop every part; a part that already died is logged and the others still stop."""

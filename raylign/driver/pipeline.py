@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from raylign.config import GRPOConfig
 from raylign.data.datasets import VLMDataset
 from raylign.driver.batching import is_informative, make_request, sampling_params
 from raylign.driver.sampler import PromptSampler
-from raylign.protocol import ScoredGroup
+from raylign.protocol import ScoredGroup, TrainerState
 
 
 @dataclass
@@ -67,7 +67,10 @@ class RolloutPipeline:
     def _submit(self, step: int, count: int) -> None:
         taken = [self.sampler.take() for _ in range(count)]
         rows = self.dataset.rows([row for _, row in taken])
-        requests = [make_request(uid, row, self.sampling, self.seed) for (uid, _), row in zip(taken, rows)]
+        # What the reward functions see as trainer_state: the step these prompts feed (TRL's global_step).
+        state = TrainerState(step, self.total_steps, step * self.g.prompts_per_step / max(1, len(self.dataset)))
+        requests = [replace(make_request(uid, row, self.sampling, self.seed), trainer_state=state)
+                    for (uid, _), row in zip(taken, rows)]
         for r in requests:
             self._step_of[r.uid] = step
         self.rollouts.submit(requests)

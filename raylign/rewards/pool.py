@@ -24,7 +24,7 @@ import threading
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any, Literal
 
@@ -47,6 +47,8 @@ class CallResult:
     values: tuple[float | None, ...] | None  # [n] when status == "ok"
     message: str = ""  # why, when not ok (the function's traceback tail, or how its process died)
     elapsed_s: float = 0.0  # from sending the call to its answer (or to giving up on it)
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # what the call passed to log_metric
+    extra: dict[str, list[Any]] = field(default_factory=dict)  # what the call passed to log_extra
 
 
 class _Process:
@@ -161,7 +163,8 @@ class RewardProcessPool:
             return CallResult("error", None, f"the reward process died (exit code {code})", elapsed)
         self._release(proc)
         if status == "ok":
-            return CallResult("ok", tuple(payload), "", elapsed)
+            values, metrics, extra = payload
+            return CallResult("ok", tuple(values), "", elapsed, metrics, extra)
         return CallResult("error", None, payload, elapsed)
 
     def wait_ready(self) -> None:
@@ -201,6 +204,25 @@ def _check(out: Any, n: int) -> tuple[str, Any]:
     return "ok", clean
 
 
+class _Logs:
+    """TRL's ``log_metric(name, value)`` / ``log_extra(column, values)`` for one call, sent back with its answer."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, list[float]] = {}
+        self.extras: dict[str, list[Any]] = {}
+
+    def metric(self, name: str, value: float) -> None:
+        self.metrics.setdefault(str(name), []).append(float(value))
+
+    def extra(self, column: str, values: Sequence[Any]) -> None:
+        self.extras.setdefault(str(column), []).extend(_plain(v) for v in values)
+
+
+def _plain(value: Any) -> Any:
+    """A value that JSON (samples.jsonl) can hold: numbers, strings, None, else its str()."""
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+
+
 def _watch_parent(parent: int) -> None:
     """Exit when the parent is gone (e.g. its Ray actor was killed), so no pool process outlives it."""
 
@@ -233,8 +255,10 @@ def child_main(fd: int) -> None:
             index, kwargs, n = conn.recv()
         except EOFError:
             return
+        logs = _Logs()
         try:
-            reply = _check(fns[index](**kwargs), n)
+            status, values = _check(fns[index](**kwargs, log_metric=logs.metric, log_extra=logs.extra), n)
+            reply = (status, (values, logs.metrics, logs.extras) if status == "ok" else values)
         except BaseException as err:  # report anything (even sys.exit) as this call's error
             where = traceback.extract_tb(err.__traceback__)[-1]
             reply = (

@@ -20,22 +20,27 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from raylign.protocol import Rollout, ScoredGroup
+from raylign.protocol import Rollout, ScoredGroup, TrainerState
 from raylign.rewards.loader import as_spec, load_reward_functions
 from raylign.rewards.pool import CallResult, RewardProcessPool
 
 logger = logging.getLogger(__name__)
 
-# Keyword arguments the worker fills in itself; a dataset column may not reuse them.
-RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", "completion_lengths")
+# Keyword arguments the worker (and, for the log_* callables, the pool process) fills in itself; a
+# dataset column may not reuse them.
+RESERVED_COLUMNS = ("prompts", "completions", "completion_ids", "completion_lengths", "images", "image",
+                    "trainer_state", "log_metric", "log_extra")
 
 
 def reward_inputs(rollout: Rollout) -> dict[str, Any]:
-    """TRL-style keyword arguments for one group: prompts, completions and columns, each a list of n.
+    """TRL 1.16's keyword arguments for one group: prompts, completions and columns, each a list of n.
 
     Completions are conversational when the prompt is a list of messages. ``completion_ids`` (TRL's
-    name) and ``completion_lengths`` (token counts) come from the sampled tokens. Images are not
-    passed (costly to ship to a process per call); put what a reward needs in a column.
+    name) and ``completion_lengths`` (token counts) come from the sampled tokens; ``images`` is each
+    sample's list of PIL images and ``image`` its first (None without one), the two forms TRL passes
+    for an ``images`` / ``image`` column; ``trainer_state`` is the progress of the step the prompt
+    feeds (a ``TrainerState``; zeros outside training). The pool process adds ``log_metric`` and
+    ``log_extra``.
     """
     n = len(rollout.completions)
     prompt = rollout.request.prompt
@@ -49,6 +54,9 @@ def reward_inputs(rollout: Rollout) -> dict[str, Any]:
         "completions": completions,
         "completion_ids": [list(c.token_ids) for c in rollout.completions],
         "completion_lengths": [len(c.token_ids) for c in rollout.completions],
+        "images": [list(rollout.request.images)] * n,
+        "image": [rollout.request.images[0] if rollout.request.images else None] * n,
+        "trainer_state": rollout.request.trainer_state or TrainerState(),
     }
     for key, value in rollout.request.columns.items():
         if key in RESERVED_COLUMNS:
@@ -132,13 +140,21 @@ class RewardWorker:
         per_function: dict[str, tuple[float | None, ...]] = {}
         timeouts = {name: 0 for name in self.names}
         errors = {name: 0 for name in self.names}
+        messages: dict[str, str] = {}
+        metrics: dict[str, list[float]] = {}
+        extra: dict[str, list[Any]] = {}
         for name, res in zip(self.names, results, strict=True):
             per_function[name] = res.values if res.status == "ok" else (None,) * n
+            for key, values in res.metrics.items():
+                metrics.setdefault(key, []).extend(values)
+            for key, values in res.extra.items():
+                extra.setdefault(key, []).extend(values)
             if res.status == "timeout":
                 timeouts[name] += 1
             elif res.status == "error":
                 errors[name] += 1
             if res.status != "ok":
+                messages[name] = f"{res.status}: {' '.join(res.message.split())}"
                 logger.warning(
                     "reward %r on group %r: %s: %s", name, rollout.request.uid, res.status, res.message
                 )
@@ -154,6 +170,9 @@ class RewardWorker:
             timeouts=timeouts,
             errors=errors,
             score_s=time.monotonic() - start,
+            error_messages=messages,
+            logged_metrics={k: tuple(v) for k, v in metrics.items()},
+            logged_extra={k: tuple(v) for k, v in extra.items()},
         )
 
     def wait_ready(self) -> None:

@@ -263,6 +263,12 @@ class RewardConfig:
     num_workers: int = _f(1, "Reward worker actors; 0 = score inside the driver process (still in a process pool).", ge=0)
     processes_per_worker: int = _f(2, "Processes per worker that run reward functions.", ge=1)
     timeout_s: float = _f(10.0, "Hard limit per reward call; a timeout scores None and is counted.", gt=0)
+    output_lines: int = _f(
+        20, "Lines of one reward call's stdout and of its stderr shown; the rest is counted in one summary line.", ge=0
+    )
+    max_memory_mb: int | None = _f(
+        None, "Address-space limit of each reward process; a call past it fails with MemoryError (None = none).", ge=64
+    )
 
 
 @dataclass(frozen=True)
@@ -301,6 +307,13 @@ class RaylignConfig:
     run_name: str | None = _f(None, "Run directory name under output_dir; None = '<method>-<timestamp>'.")
     seed: int = _f(42, "Seed for data order, sampling and init.", ge=0, lt=2**32)
     ray_address: str | None = _f(None, "None = start Ray in-process; 'auto' = join the running cluster.")
+    resource_timeout_s: float | None = _f(
+        None,
+        "Limit on waiting for the Ray resources of the learners, rollout and reward workers; past it the run stops "
+        "naming the request, the keys that asked for it and what the cluster offers. None = 60 s on Ray started "
+        "in-process, 900 s when joining a cluster (an autoscaler may add nodes).",
+        gt=0,
+    )
     preset: Literal["none", "tiny"] = _f(
         "none",
         "'tiny' runs any recipe on a laptop CPU: a tiny random LLaVA and the synthetic colour task (both "

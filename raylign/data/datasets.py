@@ -279,9 +279,16 @@ def _load_local(path: Path, split: str, streaming: bool, cache_dir: str | None):
             raise DataError(
                 f"{path}: unknown data file type {path.suffix!r}; use one of {', '.join(_BUILDERS)}"
             )
-        return datasets.load_dataset(
-            builder, data_files=str(path), split="train", streaming=streaming, cache_dir=cache_dir
-        )
+        if path.stat().st_size == 0:  # `datasets` raises a bare StopIteration on an empty jsonl
+            raise DataError(f"dataset {path} is empty (0 bytes); give a data file with rows")
+        try:
+            return datasets.load_dataset(
+                builder, data_files=str(path), split="train", streaming=streaming, cache_dir=cache_dir
+            )
+        except ValueError as e:  # a file with a schema and no rows: `datasets` says "corresponds to no data"
+            if "corresponds to no data" not in str(e):
+                raise
+            raise DataError(f"dataset {path} has no rows; check the path, split and filters") from e
     return datasets.load_dataset(str(path), split=split, streaming=streaming, cache_dir=cache_dir)
 
 

@@ -66,6 +66,18 @@ def cpus_wanted(cfg: RaylignConfig) -> float:
     return learners + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker + cfg.reward.num_workers
 
 
+def joins_cluster(cfg: RaylignConfig) -> bool:
+    """Whether the job joins a running cluster (``ray_address`` or ``RAY_ADDRESS``) rather than starting Ray here."""
+    return bool(cfg.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def resource_timeout_s(cfg: RaylignConfig) -> float:
+    """``resource_timeout_s``, or its default: 900 s on a cluster, where an autoscaler may add nodes; 60 s locally."""
+    if cfg.resource_timeout_s is not None:
+        return cfg.resource_timeout_s
+    return 900.0 if joins_cluster(cfg) else 60.0
+
+
 def init_ray(cfg: RaylignConfig) -> None:
     """Join the configured cluster, the one `ray job submit` runs us in, or start a local instance.
 
@@ -74,7 +86,7 @@ def init_ray(cfg: RaylignConfig) -> None:
     """
     if ray.is_initialized():
         return
-    if cfg.ray_address or os.environ.get("RAY_ADDRESS"):
+    if joins_cluster(cfg):
         ray.init(address=cfg.ray_address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     num_cpus = max(os.cpu_count() or 1, math.ceil(cpus_wanted(cfg)))

@@ -79,6 +79,7 @@ class OfflineRun:
             common.init_ray(cfg)
         with self._learner_calls("start"):
             self.learners = LearnerGroup(cfg.model, cfg.train, cfg.learner, self.total_steps,
+                                         resource_timeout_s=common.resource_timeout_s(cfg),
                                          reference=self.objective.needs_reference, seed=cfg.seed)
         self.sampler = PromptSampler(len(self.train_ds), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.start_step = 0

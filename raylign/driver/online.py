@@ -57,13 +57,14 @@ def build_rollouts(cfg: RaylignConfig) -> RolloutGroup:
         kwargs.setdefault("device", device)
     spec = EngineSpec(kind=r.engine, model_path=cfg.model.name_or_path, kwargs=kwargs)
     resources = WorkerResources(num_cpus=r.num_cpus_per_worker, num_gpus=gpus, resources=dict(r.resources))
-    return RolloutGroup(r.num_workers, spec, resources=resources)
+    return RolloutGroup(r.num_workers, spec, resources=resources, resource_timeout_s=common.resource_timeout_s(cfg))
 
 
 def build_rewards(cfg: RaylignConfig) -> RewardGroup:
     rw = cfg.reward
     return RewardGroup(rw.funcs, rw.reward_weights, num_workers=rw.num_workers, timeout_s=rw.timeout_s,
-                       num_processes=rw.processes_per_worker)
+                       num_processes=rw.processes_per_worker, output_lines=rw.output_lines,
+                       max_memory_mb=rw.max_memory_mb, resource_timeout_s=common.resource_timeout_s(cfg))
 
 
 class OnlineRun:
@@ -82,6 +83,7 @@ class OnlineRun:
         self.objective = make_objective(cfg)
         common.init_ray(cfg)
         self.learners = LearnerGroup(cfg.model, cfg.train, cfg.learner, self.total_steps * g.num_iterations,
+                                     resource_timeout_s=common.resource_timeout_s(cfg),
                                      reference=self.objective.needs_reference, seed=cfg.seed)
         self.rollouts = build_rollouts(cfg)
         self.rewards = build_rewards(cfg)

@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylign.config import LearnerConfig, ModelConfig, TrainConfig
 from raylign.learner.objectives import Objective
 from raylign.learner.worker import Bucket, LearnerWorker
+from raylign.placement import DEFAULT_RESOURCE_TIMEOUT_S, ResourceRequest, reserve
 from raylign.protocol import TrainBatch, UpdateResult
 
 # The one place LearnerWorker becomes an actor class.
@@ -55,6 +56,17 @@ def _bundle(cfg: LearnerConfig, num_gpus: float) -> dict[str, float]:
     return bundle
 
 
+def learner_request(cfg: LearnerConfig, num_gpus: float) -> ResourceRequest:
+    """The learners' placement group, with the keys that size it (for the error when it cannot be had)."""
+    return ResourceRequest(
+        f"{cfg.num_learners} learner(s)",
+        (_bundle(cfg, num_gpus),) * cfg.num_learners,
+        {"CPU": "learner.num_cpus_per_learner", "GPU": "learner.num_gpus_per_learner"},
+        "learner.resources",
+        cfg.placement_strategy,
+    )
+
+
 class LearnerGroup:
     """Data-parallel learners (see the module docstring).
 
@@ -65,6 +77,8 @@ class LearnerGroup:
         num_training_steps: length of the learning-rate schedule.
         reference: keep a frozen reference model (KL, DPO without precomputed reference logprobs).
         seed: model-building seed (identical on every rank).
+        resource_timeout_s: how long to wait for the learners' resources before
+            ``ResourcesUnavailable`` (naming the request, its keys and what the cluster offers).
     """
 
     def __init__(
@@ -74,10 +88,12 @@ class LearnerGroup:
         learner_cfg: LearnerConfig,
         num_training_steps: int,
         *,
+        resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S,
         reference: bool = False,
         seed: int = 0,
     ):
         self.num_learners = learner_cfg.num_learners
+        self.resource_timeout_s = resource_timeout_s
         self.actors: list[Any] = []
         self._pg: PlacementGroup | None = None
         self._local = None
@@ -99,8 +115,7 @@ class LearnerGroup:
         gpus = cfg.num_gpus_per_learner
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        self._pg = placement_group([_bundle(cfg, gpus)] * cfg.num_learners, strategy=cfg.placement_strategy)
-        ray.get(self._pg.ready())
+        self._pg = reserve(learner_request(cfg, gpus), self.resource_timeout_s)
         threads = max(1, int(cfg.num_cpus_per_learner))
         for i in range(cfg.num_learners):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)

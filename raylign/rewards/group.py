@@ -15,7 +15,9 @@ from typing import Any
 import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from raylign.placement import DEFAULT_RESOURCE_TIMEOUT_S, ResourceRequest, bundle, release, reserve
 from raylign.protocol import Rollout, ScoredGroup
 from raylign.rewards.loader import as_spec, load_reward_functions
 from raylign.rewards.worker import RewardWorker
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 # The one place RewardWorker becomes an actor class.
 RemoteRewardWorker = ray.remote(RewardWorker)
+_CONTROL_TIMEOUT_S = 60.0  # stats/close: quick calls on a live actor
 
 
 @dataclass
@@ -52,7 +55,8 @@ class RewardGroup:
 
     Args mirror ``RewardWorker``; plus ``num_workers`` (0 = in-process), ``max_concurrency``
     (overlapping requests one actor serves; its pool runs ``num_processes`` calls at once) and
-    ``num_cpus_per_worker`` (the Ray resource each actor asks for).
+    ``num_cpus_per_worker`` (the Ray resource each actor asks for, reserved within
+    ``resource_timeout_s`` or ``ResourcesUnavailable``; see ``raylign.placement``).
     """
 
     def __init__(
@@ -63,8 +67,11 @@ class RewardGroup:
         num_workers: int = 1,
         timeout_s: float = 10.0,
         num_processes: int = 2,
+        output_lines: int = 20,
+        max_memory_mb: int | None = None,
         max_concurrency: int = 4,
         num_cpus_per_worker: float = 1.0,
+        resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S,
     ):
         specs = [as_spec(f) for f in ([reward_funcs] if isinstance(reward_funcs, str) else reward_funcs)]
         load_reward_functions(specs, reward_weights)  # a bad spec fails here, before any actor starts
@@ -73,8 +80,12 @@ class RewardGroup:
             reward_weights=reward_weights,
             timeout_s=timeout_s,
             num_processes=num_processes,
+            output_lines=output_lines,
+            max_memory_mb=max_memory_mb,
         )
         self._actor_options = dict(max_concurrency=max_concurrency, num_cpus=num_cpus_per_worker)
+        self._resource_timeout_s = resource_timeout_s
+        self._placements: dict[ActorHandle, Any] = {}  # actor -> its reserved placement group
         self._slots: list[_Slot] = []
         self._pending: dict[ray.ObjectRef, _Pending] = {}
         self._local: RewardWorker | None = None
@@ -96,9 +107,21 @@ class RewardGroup:
 
     def _new_actor(self) -> ActorHandle:
         self._started += 1
-        return RemoteRewardWorker.options(**self._actor_options).remote(
-            **self._worker_kwargs, name=f"reward-{self._started}"
+        name = f"reward-{self._started}"
+        request = ResourceRequest(
+            f"reward worker {name}", (bundle(self._actor_options["num_cpus"], 0, {}),),
+            {"CPU": "reward.num_workers"}, "reward",
         )
+        pg = reserve(request, self._resource_timeout_s)
+        strategy = {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg)} if pg else {}
+        handle = RemoteRewardWorker.options(**self._actor_options, **strategy).remote(**self._worker_kwargs, name=name)
+        self._placements[handle] = pg
+        return handle
+
+    def _stop_actors(self, handles: list[ActorHandle]) -> None:
+        _stop(handles)
+        for handle in handles:
+            release(self._placements.pop(handle, None))
 
     def scale(self, num_workers: int) -> None:
         """Grow or shrink to ``num_workers`` actors while running; 0 switches to an in-process worker.
@@ -115,7 +138,7 @@ class RewardGroup:
         new = [_Slot(self._new_actor()) for _ in range(num_workers - len(self._slots))]
         removed, self._slots = self._slots[num_workers:], self._slots[:num_workers] + new
         # Wait for new actors and their pools so a worker that cannot start fails here, with its cause.
-        ray.get([s.handle.wait_ready.remote() for s in new])
+        ray.get([s.handle.wait_ready.remote() for s in new], timeout=self._resource_timeout_s)
         for slot in removed:
             slot.generation = -1  # marks it retired: closed once its last call is collected
             self._retire_if_idle(slot)
@@ -123,7 +146,7 @@ class RewardGroup:
     def _retire_if_idle(self, slot: _Slot) -> None:
         if slot.generation == -1 and slot.inflight == 0:
             slot.generation = -2  # retired for good; never closed twice
-            _stop([slot.handle])
+            self._stop_actors([slot.handle])
 
     # ------------------------------------------------------------------ scoring
 
@@ -200,6 +223,7 @@ class RewardGroup:
             return
         logger.warning("reward worker died (%s); starting a replacement", type(err).__name__)
         ray.kill(slot.handle)  # a no-op when dead; stops an unreachable one for good
+        release(self._placements.pop(slot.handle, None))
         slot.handle = self._new_actor()
         slot.generation += 1
         self.restarts += 1
@@ -225,7 +249,9 @@ class RewardGroup:
     def stats(self) -> dict[str, int]:
         """Totals over current workers (groups, calls, timeouts, errors, process_restarts), restarts."""
         per_worker = (
-            [self._local.stats()] if self._local else ray.get([s.handle.stats.remote() for s in self._slots])
+            [self._local.stats()]
+            if self._local
+            else ray.get([s.handle.stats.remote() for s in self._slots], timeout=_CONTROL_TIMEOUT_S)
         )
         keys = ("groups", "calls", "timeouts", "errors", "process_restarts")
         totals = {k: sum(w[k] for w in per_worker) for k in keys}
@@ -238,7 +264,7 @@ class RewardGroup:
             self._local = None
         handles = [s.handle for s in self._slots] + [p.slot.handle for p in self._pending.values()]
         self._slots, self._pending = [], {}
-        _stop(list({id(h): h for h in handles}.values()))
+        self._stop_actors(list({id(h): h for h in handles}.values()))
 
 
 def _stop(handles: list[ActorHandle], timeout_s: float = 10.0) -> None:

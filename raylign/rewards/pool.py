@@ -7,6 +7,9 @@ without a main guard would run again). Each pool process here is a fresh interpr
 strings, so functions from ``path/to/file.py:fn`` need not pickle. A call that outruns its timeout,
 or a process that dies, costs that call only: the process is SIGKILLed and replaced in the
 background while the caller gets its answer at once.
+
+What a call prints is capped (``output_lines`` per stream, the rest counted: ``raylign.rewards.output``)
+and ``max_memory_mb`` caps each process's address space (a call past it gets a ``MemoryError``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import math
 import numbers
 import os
 import queue
+import resource
 import signal
 import socket
 import subprocess
@@ -29,6 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 import raylign
+from raylign.rewards.output import capped_output
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +59,13 @@ class CallResult:
 class _Process:
     """One pool process and its end of the socket pair."""
 
-    def __init__(self, specs: Sequence[str]):
+    def __init__(self, specs: Sequence[str], options: dict[str, Any]):
         ours, theirs = socket.socketpair()
         cmd = [sys.executable, "-c", _CHILD_CMD.format(root=_RAYLIGN_ROOT), str(theirs.fileno())]
         self.popen = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),))
         theirs.close()
         self.conn = Connection(ours.detach())
-        self.conn.send(("init", list(sys.path), list(specs)))  # the child may still be importing
+        self.conn.send(("init", list(sys.path), list(specs), options))  # the child may still be importing
         self.ready = False
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -90,12 +95,24 @@ class _Process:
 
 
 class RewardProcessPool:
-    """``size`` processes, each holding every reward function of ``specs``; thread-safe ``call``."""
+    """``size`` processes, each holding every reward function of ``specs``; thread-safe ``call``.
 
-    def __init__(self, specs: Sequence[str], size: int = 2, start_timeout_s: float = 120.0):
+    ``output_lines``: lines of each call's stdout and stderr shown (the rest counted);
+    ``max_memory_mb``: address-space limit of each process (None = none).
+    """
+
+    def __init__(
+        self,
+        specs: Sequence[str],
+        size: int = 2,
+        start_timeout_s: float = 120.0,
+        output_lines: int = 20,
+        max_memory_mb: int | None = None,
+    ):
         if size < 1:
             raise ValueError(f"a reward process pool needs at least one process, got size={size}")
         self.specs = tuple(specs)
+        self.options = {"output_lines": int(output_lines), "max_memory_mb": max_memory_mb}
         self.start_timeout_s = start_timeout_s
         self.restarts = 0  # processes replaced after a timeout or a death
         self._lock = threading.Lock()
@@ -106,7 +123,7 @@ class RewardProcessPool:
             self._idle.put(self._start())
 
     def _start(self) -> _Process:
-        proc = _Process(self.specs)
+        proc = _Process(self.specs, self.options)
         with self._lock:
             self._live.add(proc)
         return proc
@@ -240,8 +257,11 @@ def child_main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_parent(os.getppid())
     conn = Connection(fd)
-    _, parent_path, specs = conn.recv()
+    _, parent_path, specs, options = conn.recv()
     sys.path.extend(p for p in parent_path if p not in sys.path)
+    if options["max_memory_mb"]:
+        limit = int(options["max_memory_mb"]) * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     from raylign.rewards.loader import load_reward_function  # after the path is the parent's
 
     try:
@@ -257,7 +277,8 @@ def child_main(fd: int) -> None:
             return
         logs = _Logs()
         try:
-            status, values = _check(fns[index](**kwargs, log_metric=logs.metric, log_extra=logs.extra), n)
+            with capped_output(specs[index], options["output_lines"]):
+                status, values = _check(fns[index](**kwargs, log_metric=logs.metric, log_extra=logs.extra), n)
             reply = (status, (values, logs.metrics, logs.extras) if status == "ok" else values)
         except BaseException as err:  # report anything (even sys.exit) as this call's error
             where = traceback.extract_tb(err.__traceback__)[-1]

@@ -88,6 +88,8 @@ class RewardWorker:
         reward_weights: one weight per function (TRL's ``reward_weights``); 1.0 each by default.
         timeout_s: hard limit on one function's call on one group.
         num_processes: pool processes, i.e. calls that run at once.
+        output_lines: lines of each call's stdout/stderr shown; the rest is counted (one summary line).
+        max_memory_mb: address-space limit of each pool process (None = none).
         name: an id for logs.
     """
 
@@ -98,6 +100,8 @@ class RewardWorker:
         *,
         timeout_s: float = 10.0,
         num_processes: int = 2,
+        output_lines: int = 20,
+        max_memory_mb: int | None = None,
         name: str = "reward",
     ):
         if timeout_s <= 0:
@@ -109,7 +113,9 @@ class RewardWorker:
         self.weights = {r.name: r.weight for r in loaded}
         self.timeout_s = float(timeout_s)
         self.name = name
-        self._pool = RewardProcessPool([r.spec for r in loaded], size=num_processes)
+        self._pool = RewardProcessPool(
+            [r.spec for r in loaded], size=num_processes, output_lines=output_lines, max_memory_mb=max_memory_mb
+        )
         self._threads = ThreadPoolExecutor(max_workers=num_processes, thread_name_prefix=f"{name}-call")
         self._lock = threading.Lock()
         self._stats = {"groups": 0, "calls": 0, "timeouts": 0, "errors": 0}

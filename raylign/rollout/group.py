@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.exceptions import RayActorError
 
+from raylign.placement import DEFAULT_RESOURCE_TIMEOUT_S, ResourceRequest, bundle, release, reserve
 from raylign.protocol import Rollout, RolloutRequest
 from raylign.rollout.engine import EngineSpec, NamedTensors
 from raylign.rollout.worker import RolloutWorker, WorkerResources, start_rollout_worker
@@ -66,6 +67,7 @@ class RolloutGroup:
         chunk_size: int = 4,
         max_inflight_per_worker: int = 2,
         max_consecutive_failures: int = 3,
+        resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S,
     ):
         if num_workers < 0 or chunk_size < 1 or max_inflight_per_worker < 1:
             raise ValueError("need num_workers >= 0, chunk_size >= 1, max_inflight_per_worker >= 1")
@@ -74,6 +76,8 @@ class RolloutGroup:
         self.chunk_size = chunk_size
         self.max_inflight_per_worker = max_inflight_per_worker
         self.max_consecutive_failures = max_consecutive_failures
+        self.resource_timeout_s = resource_timeout_s  # bound on reserving each worker's resources
+        self._placements: dict[str, object] = {}  # worker id -> its reserved placement group
         self.initial_version = int(spec.kwargs.get("version", 0))
         self.version = self.initial_version  # latest version marked synced
         self.restarts = 0  # workers replaced after dying
@@ -201,7 +205,7 @@ class RolloutGroup:
     def shutdown(self) -> None:
         """Kill every worker; outstanding requests are dropped."""
         for w in self._workers:
-            ray.kill(w.handle, no_restart=True)
+            self._kill(w)
         self._workers.clear()
         self._owner.clear()
 
@@ -258,10 +262,28 @@ class RolloutGroup:
     def _start_worker(self) -> _Worker:
         worker_id = f"rollout-{self._next_worker}"
         self._next_worker += 1
-        handle = start_rollout_worker(self.spec, worker_id, self.resources)
+        handle = start_rollout_worker(self.spec, worker_id, self.resources, self._reserve(worker_id))
         w = _Worker(worker_id, handle, version=self.initial_version)
         self._workers.append(w)
         return w
+
+    def _reserve(self, worker_id: str):
+        """Reserve one worker's resources within ``resource_timeout_s`` (``ResourcesUnavailable`` names the keys)."""
+        r = self.resources
+        request = ResourceRequest(
+            f"rollout worker {worker_id}",
+            (bundle(r.num_cpus, r.num_gpus, r.resources),),
+            {"CPU": "rollout.num_cpus_per_worker", "GPU": "rollout.num_gpus_per_worker"},
+            "rollout.resources",
+        )
+        pg = reserve(request, self.resource_timeout_s)
+        self._placements[worker_id] = pg
+        return pg
+
+    def _kill(self, w: _Worker) -> None:
+        """Kill a worker's actor and give back its reservation."""
+        ray.kill(w.handle, no_restart=True)
+        release(self._placements.pop(w.id, None))
 
     def _dispatch(self) -> None:
         """Hand queued tickets to synced workers, a chunk at a time, round robin."""
@@ -369,7 +391,7 @@ class RolloutGroup:
         self._pending.extendleft(sorted(lost, reverse=True))
         self.requeued += len(lost)
         self._workers.remove(w)
-        ray.kill(w.handle, no_restart=True)
+        self._kill(w)
         self.restarts += 1
         self._failures_in_a_row += 1
         if self._failures_in_a_row > self.max_consecutive_failures:
@@ -382,4 +404,4 @@ class RolloutGroup:
     def _retire_if_idle(self, w: _Worker) -> None:
         if w.draining and not w.inflight and w in self._workers:
             self._workers.remove(w)
-            ray.kill(w.handle, no_restart=True)
+            self._kill(w)

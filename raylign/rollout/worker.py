@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import ray
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylign.protocol import Rollout, RolloutRequest
 from raylign.rollout.engine import EngineSpec, NamedTensors, make_engine
@@ -96,13 +98,18 @@ _RemoteRolloutWorker = ray.remote(RolloutWorker)
 
 
 def start_rollout_worker(
-    spec: EngineSpec, worker_id: str, resources: WorkerResources
+    spec: EngineSpec, worker_id: str, resources: WorkerResources, placement: PlacementGroup | None = None
 ) -> ray.actor.ActorHandle:
-    """Start a ``RolloutWorker`` actor (never restarted by Ray: its group replaces it and re-queues)."""
+    """Start a ``RolloutWorker`` actor (never restarted by Ray: its group replaces it and re-queues).
+
+    ``placement``: a ready placement group reserved for it (``raylign.placement.reserve``).
+    """
+    strategy = {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement)} if placement else {}
     return _RemoteRolloutWorker.options(
         num_cpus=resources.num_cpus,
         num_gpus=resources.num_gpus,
         resources=dict(resources.resources),
         max_restarts=0,
         max_concurrency=1,
+        **strategy,
     ).remote(spec, worker_id)

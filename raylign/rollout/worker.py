@@ -17,10 +17,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylign.protocol import Rollout, RolloutRequest
 from raylign.rollout.engine import EngineSpec, NamedTensors, make_engine
-from raylign.rollout.hf import TransformersEngine
 from raylign.sync.buckets import WeightLayout
 from raylign.sync.collective import GroupSpec
-from raylign.sync.endpoints import ReceiverEndpoint, unpack_put
+from raylign.sync.endpoints import EngineReceiver, ReceiverEndpoint, unpack_put
 
 
 @dataclass(frozen=True)
@@ -64,34 +63,46 @@ class RolloutWorker:
     # ---- weight sync (driven by raylign.sync.group; see raylign.sync.endpoints)
 
     def join_weight_group(self, spec: GroupSpec, rank: int) -> None:
-        """Join sync group ``spec`` as ``rank`` (returns once every member has joined)."""
-        self.weight_receiver.join(spec, rank, ray.util.get_node_ip_address())
+        """Join sync group ``spec`` from ``rank`` on (returns once every member has joined).
+
+        An engine that receives in its own processes (vLLM: ``EngineReceiver``) joins with those,
+        as ranks ``rank .. rank + weight_ranks - 1``; otherwise this process joins as ``rank``.
+        """
+        ip = ray.util.get_node_ip_address()
+        if isinstance(self.engine, EngineReceiver):
+            self.engine.join_weight_group(spec, rank, ip)
+        else:
+            self.weight_receiver.join(spec, rank, ip)
 
     def receive_weights(self, tag: str, layout: WeightLayout, version: int) -> int:
-        """Receive one whole sync over group ``tag`` into the engine, then take ``version``; returns the version.
-
-        Engines other than the transformers one get tensors of their own (vLLM pickles them to its
-        workers, and a pickled view would carry the whole bucket buffer).
-        """
-        copy = not isinstance(self.engine, TransformersEngine)
-        self.weight_receiver.receive(tag, layout, self.engine.load_weights, self.engine.set_version, version, copy)
+        """Receive one whole sync over group ``tag`` into the engine, then take ``version``; returns the version."""
+        if isinstance(self.engine, EngineReceiver):
+            self.engine.receive_weights(tag, layout, version)
+        else:
+            self.weight_receiver.receive(tag, layout, self.engine.load_weights, self.engine.set_version, version)
         return self.engine.version
 
     def load_weight_refs(self, refs: Sequence[ray.ObjectRef], version: int) -> int:
         """Load buckets put by ``LearnerWorker.put_weights`` one at a time, then take ``version``; returns the version."""
-        copy = not isinstance(self.engine, TransformersEngine)
         for ref in refs:
-            self.engine.load_weights(unpack_put(ray.get(ref), copy))
+            self.engine.load_weights(unpack_put(ray.get(ref)))
         self.engine.set_version(version)
         return self.engine.version
 
     def leave_weight_group(self) -> None:
-        """Drop this process's sync group, if any."""
+        """Drop this process's (or the engine's) sync group, if any."""
+        if isinstance(self.engine, EngineReceiver):
+            self.engine.leave_weight_group()
         self.weight_receiver.leave()
 
     def ping(self) -> dict:
-        """Liveness and identity: worker id, weights version, process id."""
-        return {"worker_id": self.worker_id, "version": self.engine.version, "pid": os.getpid()}
+        """Liveness and identity: worker id, weights version, process id, and how many ranks its engine takes in a sync group."""
+        return {
+            "worker_id": self.worker_id,
+            "version": self.engine.version,
+            "pid": os.getpid(),
+            "weight_ranks": int(getattr(self.engine, "weight_ranks", 1)),
+        }
 
 
 _RemoteRolloutWorker = ray.remote(RolloutWorker)

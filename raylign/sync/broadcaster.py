@@ -35,6 +35,13 @@ logger = logging.getLogger(__name__)
 LOCAL_ID = "local"  # the target id of an in-process engine (not a RolloutGroup worker id)
 
 
+def sleep_discards_weights(kind: str, engine_kwargs: Any) -> bool:
+    """A vLLM engine sleeping at level 2 drops every weight, frozen ones included, so a sync of the
+    trainable weights only would leave the rest undefined after ``wake``."""
+    kwargs = dict(engine_kwargs)
+    return kind == "vllm" and bool(kwargs.get("enable_sleep_mode")) and int(kwargs.get("sleep_level", 1)) == 2
+
+
 class WeightBroadcaster:
     """Learner -> rollout engines weight sync (see the module docstring).
 
@@ -42,11 +49,17 @@ class WeightBroadcaster:
         learners: a ``LearnerGroup`` (actors, or one in-process learner with ``num_learners=0``).
         rollouts: a ``RolloutGroup`` (worker actors, or one in-process engine with ``num_workers=0``).
         cfg: the ``sync`` config section (transport, bucket_mb, timeout_s).
-        trainable_only: send only weights that require gradients (set when the vision tower is frozen).
+        trainable_only: send only weights that require gradients (set when the vision tower is frozen);
+            ignored (every weight is sent) when the engines sleep at level 2.
     """
 
     def __init__(self, learners: Any, rollouts: Any, cfg: SyncConfig, trainable_only: bool = False):
         self.learners, self.rollouts, self.cfg = learners, rollouts, cfg
+        spec = getattr(rollouts, "spec", None)
+        if trainable_only and spec is not None and sleep_discards_weights(spec.kind, spec.kwargs):
+            logger.info("rollout engines sleep at level 2 (weights discarded): every sync sends every weight")
+            trainable_only = False
+        self.trainable_only = trainable_only
         self.transport = make_transport(learners, rollouts, cfg, trainable_only)
         self.version = int(rollouts.version)  # the last version broadcast
         self.syncs = 0

@@ -163,3 +163,32 @@ def layout_summary(buckets: Sequence[BucketSpec]) -> str:
     tensors = sum(len(b.tensors) for b in buckets)
     mib = sum(t.nbytes for b in buckets for t in b.tensors) / 2**20
     return f"{tensors} tensors in {len(buckets)} buckets, {mib:.1f} MiB"
+
+
+def layout_to_plain(layout: WeightLayout) -> list:
+    """``layout`` as lists of str/int only: what vLLM's ``collective_rpc`` can carry to its workers (msgpack)."""
+    return [
+        layout.device_type,
+        [
+            [b.nbytes, [[t.name, list(t.shape), str(t.dtype).removeprefix("torch."), t.offset, t.nbytes] for t in b.tensors]]
+            for b in layout.buckets
+        ],
+    ]
+
+
+def layout_from_plain(plain: Sequence) -> WeightLayout:
+    """The inverse of ``layout_to_plain``."""
+    device_type, buckets = plain
+    return WeightLayout(
+        tuple(
+            BucketSpec(
+                tuple(
+                    TensorSpec(str(name), tuple(int(d) for d in shape), getattr(torch, dtype), int(offset), int(nbytes))
+                    for name, shape, dtype, offset, nbytes in tensors
+                ),
+                int(nbytes_total),
+            )
+            for nbytes_total, tensors in buckets
+        ),
+        str(device_type),
+    )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -161,3 +161,20 @@ class ReceiverEndpoint(_Endpoint):
             raise RuntimeError(f"the engine loaded {loaded} of {layout.num_tensors} tensors")
         set_version(version)
         return loaded
+
+
+@runtime_checkable
+class EngineReceiver(Protocol):
+    """An engine whose own processes receive a sync (vLLM's workers); its rollout worker only relays.
+
+    ``weight_ranks``: how many members it adds to a sync group (vLLM: its tensor x pipeline parallel
+    world), so the sender knows the group's size.
+    """
+
+    weight_ranks: int
+
+    def join_weight_group(self, spec: GroupSpec, first_rank: int, local_ip: str | None = None) -> None: ...
+
+    def receive_weights(self, tag: str, layout: WeightLayout, version: int) -> int: ...
+
+    def leave_weight_group(self) -> None: ...

@@ -92,6 +92,7 @@ class _RemoteTransport:
         self.trainable_only = trainable_only
         self.local_learner = learners.local_worker  # a LearnerWorker in this process, or None
         self._up: set[str] = set()  # rollout workers known to have finished starting
+        self._ranks: dict[str, int] = {}  # worker id -> sync-group ranks its engine takes (from its ping)
         self._pings: dict[str, Any] = {}  # worker id -> its pending readiness ping
 
     def ready(self, targets: Sequence[Target], wait_s: float) -> Readiness:
@@ -119,7 +120,8 @@ class _RemoteTransport:
             if ref is not None and ray.wait([ref], timeout=0)[0]:
                 del self._pings[worker_id]
                 try:
-                    ray.get(ref)
+                    info = ray.get(ref)
+                    self._ranks[worker_id] = int(info.get("weight_ranks", 1))
                     self._up.add(worker_id)
                 except RayActorError as err:
                     out.dead[worker_id] = _short(err)
@@ -225,16 +227,19 @@ class CollectiveTransport(_RemoteTransport):
         if not self._outcome(calls, calls.wait(self._deadline()), [], result):
             return False
         host, port = calls.results["learner rank 0"]
+        ranks = [self._ranks.get(worker_id, 1) for worker_id, _ in targets]  # vLLM: one per worker process
         spec = GroupSpec(
             host,
             port,
-            len(targets) + 1,
+            sum(ranks) + 1,
             self._backend(layout),
             self.cfg.timeout_s * OP_TIMEOUT_SHARE,
         )
         calls = _Calls()
-        for rank, (worker_id, handle) in enumerate(targets, start=1):
-            calls.add(worker_id, handle.join_weight_group.remote(spec, rank))
+        first = 1
+        for (worker_id, handle), n in zip(targets, ranks):
+            calls.add(worker_id, handle.join_weight_group.remote(spec, first))
+            first += n
         self._on_learners(calls, lambda w: w.join_weight_group, spec, rank0_only=True)
         result.control_calls += len(calls)
         if not self._outcome(calls, calls.wait(self._deadline()), targets, result):

@@ -1,19 +1,16 @@
 """The vLLM engine's pure parts, checked without vLLM: prompt dicts with unexpanded image placeholders,
-SamplingParams keyword arguments, the worker extension, and the message when vLLM is missing."""
+SamplingParams keyword arguments, and the message when vLLM is missing (the receiver: test_vllm_receiver)."""
 
 from __future__ import annotations
 
 import sys
-from types import SimpleNamespace
 
 import pytest
-import torch
 from PIL import Image
 
 from raylign.models.loading import load_processor
 from raylign.protocol import RolloutRequest, SamplingParams
 from raylign.rollout.vllm import VLLM_MISSING, VLLMEngine, vllm_prompt, vllm_sampling_kwargs
-from raylign.rollout.vllm_ext import WeightLoaderExtension
 
 IMG = Image.new("RGB", (48, 40), (200, 30, 30))
 
@@ -59,23 +56,3 @@ def test_missing_vllm_is_a_clear_error(monkeypatch):
     with pytest.raises(ImportError) as err:
         VLLMEngine("any/model")
     assert str(err.value) == VLLM_MISSING and "rollout.engine=transformers" in VLLM_MISSING
-
-
-def test_worker_extension_loads_a_bucket_through_model_load_weights():
-    received = []
-
-    class Model(torch.nn.Linear):
-        def load_weights(self, weights):
-            received.extend(weights)
-            return {name for name, _ in received}
-
-    worker = WeightLoaderExtension()
-    worker.model_runner = SimpleNamespace(model=Model(2, 2))
-    bucket = [("model.layers.0.mlp.up_proj.weight", torch.ones(2, 2)), ("lm_head.weight", torch.zeros(3))]
-    assert worker.raylign_load_weights(bucket) == 2
-    assert [n for n, _ in received] == [n for n, _ in bucket] and torch.equal(
-        received[0][1], torch.ones(2, 2)
-    )
-    assert worker.raylign_fingerprint() == pytest.approx(
-        sum(p.abs().sum().item() for p in worker.model_runner.model.parameters())
-    )

@@ -1,0 +1,1 @@
+"""Put on ``PYTHONPATH`` by ``raylign.rollout.vllm_compat.install``: only ``sitecustomize`` matters here."""

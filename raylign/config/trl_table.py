@@ -23,7 +23,8 @@ CLASSES: dict[str, tuple[str, ...]] = {
     "grpo": ("GRPOConfig", "ModelConfig", "GRPOScriptArguments"),
     "gspo": ("GRPOConfig", "ModelConfig", "GRPOScriptArguments"),
 }
-RAYLIGN_TOP = ("method", "model", "data", "output_dir", "run_name", "seed", "ray_address", "preset", "train",
+RAYLIGN_TOP = ("method", "model", "data", "output_dir", "run_name", "seed", "ray_address", "resource_timeout_s",
+               "preset", "train",
                "learner", "sft", "dpo", "grpo", "rollout", "reward", "sync", "logging")
 TRL_REWARDS = ("accuracy_reward", "reasoning_accuracy_reward", "think_format_reward", "get_soft_overlong_punishment")
 

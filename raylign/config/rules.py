@@ -122,6 +122,22 @@ def _check_rollout_reward(cfg: RaylignConfig) -> None:
              f"has {len(rw.reward_weights or [])} weights for {len(rw.funcs)} reward.funcs")
 
 
+def _check_colocate(cfg: RaylignConfig) -> None:
+    """``rollout.colocate`` puts one engine inside each learner actor: the rollout sizing keys do not apply."""
+    r, n = cfg.rollout, cfg.learner.num_learners
+    if not r.colocate:
+        return
+    _require(r.num_workers == n, "rollout.num_workers",
+             f"with rollout.colocate each learner actor holds one engine: set it to learner.num_learners ({n})")
+    _require(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size",
+             "a colocated engine uses its learner's one GPU; use 1, or rollout.colocate false")
+    _require(r.num_gpus_per_worker is None and not r.resources, "rollout.num_gpus_per_worker",
+             "a colocated engine runs inside its learner actor on that actor's GPU; leave "
+             "rollout.num_gpus_per_worker and rollout.resources unset (size learner.num_gpus_per_learner)")
+    _require(cfg.sync.transport in ("auto", "inprocess"), "sync.transport",
+             "colocated engines are loaded inside their learner actors; use auto or inprocess")
+
+
 def _check_top_logging(cfg: RaylignConfig) -> None:
     name = str(cfg.run_name)
     _require(bool(cfg.output_dir), "output_dir", "must not be empty")
@@ -138,7 +154,7 @@ def validate(cfg: RaylignConfig) -> None:
     """Bounds and cross-field rules; raises ConfigError naming the first offending key."""
     _check_bounds(cfg)
     for check in (_check_model_data, _check_train_learner, _check_dpo, _check_grpo, _check_rollout_reward,
-                  _check_top_logging):
+                  _check_colocate, _check_top_logging):
         check(cfg)
 
 

@@ -244,9 +244,9 @@ class RolloutConfig:
     enable_sleep_mode: bool = _f(False, "Let vLLM free its GPU memory while the learner trains.")
     colocate: bool = _f(
         False,
-        "Engines share devices with the learners and sleep (release memory) during each update; give both "
-        "fractional GPUs (e.g. learner.num_gpus_per_learner: 0.5, rollout.num_gpus_per_worker: 0.5) so Ray "
-        "packs one of each per GPU.",
+        "One engine inside each learner actor (same process, same GPU; rollout.num_workers = "
+        "learner.num_learners): generation and training take turns, the engine sleeps through updates "
+        "where it can, and weights are copied in-process (no process group). docs/scaling.md.",
     )
     engine_kwargs: dict[str, Any] = _f(
         {}, "Extra keyword arguments for the engine constructor, e.g. model_impl."
@@ -276,7 +276,8 @@ class SyncConfig:
     """Weight broadcast from the learners to the rollout engines."""
 
     transport: Literal["auto", "collective", "object_store", "inprocess"] = _f(
-        "auto", "'auto' = inprocess when colocated in one process, else collective."
+        "auto", "'auto' = inprocess when learner and engine share a process (colocate, or both 0 workers), "
+        "else collective."
     )
     bucket_mb: float = _f(64.0, "Size of each broadcast bucket in MiB.", gt=0)
     timeout_s: float = _f(

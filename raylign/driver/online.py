@@ -43,30 +43,23 @@ from raylign.sync.transports import SyncError
 logger = logging.getLogger(__name__)
 
 
-def engine_kwargs(cfg: RaylignConfig, device: str) -> dict:
-    """The engine constructor's options: the rollout section in the terms of the engine it names.
-
-    vLLM takes ``EngineArgs`` fields only (``VLLMEngine`` refuses others): no ``batch_size`` (it
-    schedules every prompt it gets), and ``max_model_len`` unset means prompt + completion limits,
-    not the model's whole context (vLLM would size its KV cache for that).
-    """
+def build_rollouts(cfg: RaylignConfig, learners: LearnerGroup | None = None) -> RolloutGroup:
+    """The rollout workers; with ``rollout.colocate``, one engine inside each of ``learners``' actors."""
     r = cfg.rollout
+    kwargs = {"batch_size": r.batch_size, **r.engine_kwargs}
     if r.engine == "vllm":
-        max_len = r.max_model_len or cfg.data.max_prompt_length + cfg.grpo.max_completion_length
-        return {**r.engine_kwargs, "tensor_parallel_size": r.tensor_parallel_size,
-                "gpu_memory_utilization": r.gpu_memory_utilization, "max_model_len": max_len,
-                "enable_sleep_mode": r.enable_sleep_mode}
-    return {"batch_size": r.batch_size, "device": device, **r.engine_kwargs}
-
-
-def build_rollouts(cfg: RaylignConfig) -> RolloutGroup:
-    r = cfg.rollout
+        kwargs.update(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
+                      max_model_len=r.max_model_len, enable_sleep_mode=r.enable_sleep_mode)
     gpus = r.num_gpus_per_worker
     if gpus is None:
         gpus = float(r.tensor_parallel_size) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    kwargs = engine_kwargs(cfg, "cuda" if gpus > 0 else "cpu")
+    device = "cuda" if gpus > 0 else "cpu"
+    if r.engine == "transformers":
+        kwargs.setdefault("device", device)
     spec = EngineSpec(kind=r.engine, model_path=cfg.model.name_or_path, kwargs=kwargs)
     resources = WorkerResources(num_cpus=r.num_cpus_per_worker, num_gpus=gpus, resources=dict(r.resources))
+    if r.colocate and learners is not None and learners.actors:
+        return RolloutGroup(len(learners.actors), spec, actors=learners.actors)
     return RolloutGroup(r.num_workers, spec, resources=resources, resource_timeout_s=common.resource_timeout_s(cfg))
 
 
@@ -94,8 +87,9 @@ class OnlineRun:
         common.init_ray(cfg)
         self.learners = LearnerGroup(cfg.model, cfg.train, cfg.learner, self.total_steps * g.num_iterations,
                                      resource_timeout_s=common.resource_timeout_s(cfg),
-                                     reference=self.objective.needs_reference, seed=cfg.seed)
-        self.rollouts = build_rollouts(cfg)
+                                     reference=self.objective.needs_reference, seed=cfg.seed,
+                                     colocated=cfg.rollout.colocate)
+        self.rollouts = build_rollouts(cfg, self.learners)
         self.rewards = build_rewards(cfg)
         self.broadcaster = WeightBroadcaster(self.learners, self.rollouts, cfg.sync,
                                              trainable_only=cfg.model.freeze_vision_tower or cfg.model.lora.r > 0)
@@ -145,8 +139,9 @@ class OnlineRun:
 
     def scale_rollouts(self, num_workers: int) -> None:
         """Grow or shrink the rollout workers while the run goes on (new ones get weights before work)."""
-        if self.rollouts.local is not None:
-            raise ValueError("rollout.num_workers=0 runs the engine in the driver: there is nothing to scale")
+        if not self.rollouts.resizable:
+            raise ValueError("the engines run in the driver (rollout.num_workers=0) or inside the learner "
+                             "actors (rollout.colocate): there is nothing to scale")
         if num_workers < 1:
             raise ValueError(f"a run needs at least 1 rollout worker, asked for {num_workers}")
         current = self.rollouts.num_workers
@@ -204,7 +199,7 @@ class OnlineRun:
         samples = train_samples(got.groups, self.cfg.grpo)
         t1 = time.perf_counter()
         batch = TrainBatch(tuple(samples), version)
-        if self.cfg.rollout.colocate:  # engines share the learners' devices: they release them for the update
+        if self.cfg.rollout.colocate:  # the engines share the learner actors' devices: freed for the update
             self.rollouts.sleep()
             try:
                 results = self._update(batch)
@@ -264,7 +259,7 @@ class OnlineRun:
             self.log.log(0, evals)
         for step in bar:
             wanted = self._requested_rollout_workers()
-            if wanted is not None and wanted != self.rollouts.num_workers and self.rollouts.local is None:
+            if wanted is not None and wanted != self.rollouts.num_workers and self.rollouts.resizable:
                 self.scale_rollouts(wanted)
             metrics = self.step(step)
             done = step + 1

@@ -3,7 +3,8 @@
 Each actor runs a ``LearnerWorker`` (one data-parallel rank). The group shards every global batch
 evenly and in order over the ranks, calls them together (DeepSpeed's collectives need every rank),
 and returns rank 0's answer, which all ranks agree on since metrics are reduced across ranks.
-``num_learners=0`` runs one ``Learner`` in this process, without Ray.
+``num_learners=0`` runs one ``Learner`` in this process, without Ray. ``colocated=True`` makes each
+actor a ``ColocatedWorker``, which can also hold a rollout engine (``RolloutGroup(actors=...)``).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylign.config import LearnerConfig, ModelConfig, TrainConfig
 from raylign.learner.objectives import Objective
-from raylign.learner.worker import Bucket, LearnerWorker
+from raylign.learner.worker import Bucket, ColocatedWorker, LearnerWorker
 from raylign.placement import DEFAULT_RESOURCE_TIMEOUT_S, ResourceRequest, reserve
 from raylign.protocol import TrainBatch, UpdateResult
 
-# The one place LearnerWorker becomes an actor class.
+# The one place the learner workers become actor classes.
 RemoteLearnerWorker = ray.remote(LearnerWorker)
+RemoteColocatedWorker = ray.remote(ColocatedWorker)
 
 T = TypeVar("T")
 
@@ -79,6 +81,7 @@ class LearnerGroup:
         seed: model-building seed (identical on every rank).
         resource_timeout_s: how long to wait for the learners' resources before
             ``ResourcesUnavailable`` (naming the request, its keys and what the cluster offers).
+        colocated: the actors can also hold a rollout engine each (``rollout.colocate``).
     """
 
     def __init__(
@@ -91,9 +94,11 @@ class LearnerGroup:
         resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S,
         reference: bool = False,
         seed: int = 0,
+        colocated: bool = False,
     ):
         self.num_learners = learner_cfg.num_learners
         self.resource_timeout_s = resource_timeout_s
+        self.colocated = colocated
         self.actors: list[Any] = []
         self._pg: PlacementGroup | None = None
         self._local = None
@@ -119,7 +124,8 @@ class LearnerGroup:
         threads = max(1, int(cfg.num_cpus_per_learner))
         for i in range(cfg.num_learners):
             strategy = PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i)
-            actor = RemoteLearnerWorker.options(
+            actor_cls = RemoteColocatedWorker if self.colocated else RemoteLearnerWorker
+            actor = actor_cls.options(
                 num_cpus=cfg.num_cpus_per_learner,
                 num_gpus=gpus,
                 resources=dict(cfg.resources),

@@ -4,13 +4,19 @@ A plain class around a ``Learner``: it is created first, so the group can ask ra
 to rendezvous on, then ``setup`` builds the learner inside the joined process group. It also keeps
 the objective between calls, because an objective can hold state (the bco_pair running mean) while
 every call ships a fresh pickled copy.
+
+``ColocatedWorker`` adds a rollout engine to the same process (``rollout.colocate``), as verl's and
+OpenRLHF's hybrid engines do: generation and training take turns on one device, and a weight sync
+is a copy inside the process.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +29,12 @@ from raylign.protocol import UpdateResult
 from raylign.sync.buckets import WeightLayout
 from raylign.sync.collective import GroupSpec
 from raylign.sync.endpoints import SenderEndpoint, put_buckets
+from raylign.sync.transports import load_in_process
+
+if TYPE_CHECKING:
+    from raylign.protocol import Rollout, RolloutRequest
+    from raylign.rollout.engine import EngineSpec
+    from raylign.rollout.worker import RolloutWorker
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -150,3 +162,64 @@ class LearnerWorker:
             self.learner.close()
             self.learner = None
         shutdown_process_group()
+
+
+class ColocatedWorker(LearnerWorker):
+    """A learner rank with a rollout engine in the same process (``rollout.colocate``).
+
+    ``RolloutGroup(actors=...)`` drives it like a rollout worker (``start_engine``, ``generate``,
+    ``sleep``, ``wake``, ``ping``) and ``raylign.sync.group.ColocatedTransport`` syncs it with
+    ``load_engine_weights``: the learner's buckets go straight into the engine, no process group
+    and no copy between processes. A Ray actor runs one call at a time, so generating, training
+    and syncing take turns on the device; the engine sleeps through updates where it can.
+    """
+
+    def __init__(self, num_threads: int | None = None):
+        super().__init__(num_threads)
+        self.rollout: RolloutWorker | None = None
+
+    def start_engine(self, spec: EngineSpec, worker_id: str) -> None:
+        """Build the engine on this learner's device (call after ``setup``)."""
+        from raylign.rollout.worker import RolloutWorker
+
+        kwargs = dict(spec.kwargs)
+        if spec.kind == "transformers":
+            kwargs["device"] = str(self._learner().device)
+        else:  # vLLM's model runner in this process, so a bucket loads without leaving it
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.rollout = RolloutWorker(replace(spec, kwargs=kwargs), worker_id)
+
+    def _engine(self) -> RolloutWorker:
+        if self.rollout is None:
+            raise RuntimeError("ColocatedWorker.start_engine() has not run")
+        return self.rollout
+
+    def generate(self, requests: Sequence[RolloutRequest]) -> list[Rollout]:
+        return self._engine().generate(requests)
+
+    def sleep(self) -> None:
+        self._engine().sleep()
+
+    def wake(self) -> None:
+        self._engine().wake()
+
+    def ping(self) -> dict:
+        """The engine's liveness and identity, plus whether any weight-sync group exists here (never)."""
+        groups = self.weight_sender.group is not None or self._engine().weight_receiver.group is not None
+        return {**self._engine().ping(), "weight_group": groups}
+
+    def version(self) -> int:
+        return self._engine().version()
+
+    def model_fingerprint(self) -> float:
+        return self._engine().model_fingerprint()
+
+    def load_engine_weights(
+        self, bucket_mb: float, trainable_only: bool, version: int
+    ) -> tuple[int, int, int]:
+        """Copy this rank's weights into the engine and take ``version``: ``(version, bytes, buckets)``.
+
+        Every rank must call it under ZeRO-3 (each bucket is gathered).
+        """
+        sent = load_in_process(self._learner(), self._engine(), bucket_mb, trainable_only, version)
+        return self._engine().version(), sent.bytes, sent.buckets

@@ -24,7 +24,10 @@ work until ``mark_synced(ids, version)``; the weight broadcaster uses these plus
 worker is only sent work while its version equals the group's (latest synced) version.
 
 ``num_workers=0`` runs one engine in this process, without Ray; ``wait``/``generate`` then run the
-queued requests synchronously. Not thread-safe: one driver thread uses a group.
+queued requests synchronously. ``actors=`` runs the engines inside existing actors instead (the
+learner actors of ``rollout.colocate``, each given ``start_engine(spec, worker_id)``): the group
+never starts, replaces or kills one, and a dead one ends the run (its learner died with it).
+Not thread-safe: one driver thread uses a group.
 """
 
 from __future__ import annotations
@@ -68,9 +71,12 @@ class RolloutGroup:
         max_inflight_per_worker: int = 2,
         max_consecutive_failures: int = 3,
         resource_timeout_s: float = DEFAULT_RESOURCE_TIMEOUT_S,
+        actors: Sequence[ray.actor.ActorHandle] | None = None,
     ):
         if num_workers < 0 or chunk_size < 1 or max_inflight_per_worker < 1:
             raise ValueError("need num_workers >= 0, chunk_size >= 1, max_inflight_per_worker >= 1")
+        if actors is not None and len(actors) != num_workers:
+            raise ValueError(f"num_workers={num_workers} but {len(actors)} actors to host the engines")
         self.spec = spec
         self.resources = resources or WorkerResources()
         self.chunk_size = chunk_size
@@ -91,8 +97,14 @@ class RolloutGroup:
         self._next_worker = 0
         self._workers: list[_Worker] = []
         self._owner: dict = {}  # ObjectRef -> _Worker
-        self.local: RolloutWorker | None = RolloutWorker(spec, "local") if num_workers == 0 else None
-        self.add_workers(num_workers)
+        self.colocated = actors is not None  # the engines live in actors someone else owns
+        self.local: RolloutWorker | None = (
+            RolloutWorker(spec, "local") if num_workers == 0 and not self.colocated else None
+        )
+        if self.colocated:  # engines built in place, now: a bad spec fails here, with its own error
+            ray.get([self._adopt(handle) for handle in actors or ()])
+        else:
+            self.add_workers(num_workers)
 
     # ---- membership -------------------------------------------------------------------------
 
@@ -105,10 +117,17 @@ class RolloutGroup:
     def num_workers(self) -> int:
         return len(self.workers)
 
+    @property
+    def resizable(self) -> bool:
+        """Whether workers can be added and removed (not in-process, not inside the learner actors)."""
+        return self.local is None and not self.colocated
+
     def add_workers(self, k: int) -> list[str]:
         """Start ``k`` workers; they take work once synced (at once while no update has happened)."""
         if self.local is not None and k:
             raise ValueError("an in-process RolloutGroup (num_workers=0) cannot add workers")
+        if self.colocated and k:
+            raise ValueError("colocated engines live in the learner actors, one each: there is none to add")
         return [self._start_worker().id for _ in range(k)]
 
     def remove_workers(self, k: int = 0, worker_ids: Sequence[str] = ()) -> list[str]:
@@ -116,6 +135,8 @@ class RolloutGroup:
 
         Each is killed once its in-flight calls have returned (their results are kept).
         """
+        if self.colocated:
+            raise ValueError("colocated engines live in the learner actors, one each: none can be removed")
         live = [w for w in self._workers if not w.draining]
         if worker_ids:
             unknown = set(worker_ids) - {w.id for w in live}
@@ -203,8 +224,8 @@ class RolloutGroup:
         ray.get([getattr(h, method).remote() for _, h in self.workers])
 
     def shutdown(self) -> None:
-        """Kill every worker; outstanding requests are dropped."""
-        for w in self._workers:
+        """Kill every worker (colocated ones are left to their owner); outstanding requests are dropped."""
+        for w in self._workers if not self.colocated else ():
             self._kill(w)
         self._workers.clear()
         self._owner.clear()
@@ -260,10 +281,20 @@ class RolloutGroup:
     # ---- internals --------------------------------------------------------------------------
 
     def _start_worker(self) -> _Worker:
+        def start(worker_id: str) -> ray.actor.ActorHandle:
+            return start_rollout_worker(self.spec, worker_id, self.resources, self._reserve(worker_id))
+
+        return self._add(start)
+
+    def _adopt(self, handle: ray.actor.ActorHandle) -> ray.ObjectRef:
+        """Build an engine inside an existing actor; returns the ref of that call."""
+        w = self._add(lambda worker_id: handle)
+        return handle.start_engine.remote(self.spec, w.id)
+
+    def _add(self, start: Callable[[str], ray.actor.ActorHandle]) -> _Worker:
         worker_id = f"rollout-{self._next_worker}"
         self._next_worker += 1
-        handle = start_rollout_worker(self.spec, worker_id, self.resources, self._reserve(worker_id))
-        w = _Worker(worker_id, handle, version=self.initial_version)
+        w = _Worker(worker_id, start(worker_id), version=self.initial_version)
         self._workers.append(w)
         return w
 
@@ -371,7 +402,15 @@ class RolloutGroup:
         self._done[ticket] = rollout
 
     def _fail(self, w: _Worker, err: Exception) -> _Worker | None:
-        """A worker died: keep what it finished, re-queue the rest, start a replacement."""
+        """A worker died: keep what it finished, re-queue the rest, start a replacement.
+
+        A colocated worker is a learner actor: the run cannot go on without it, so this raises.
+        """
+        if self.colocated:
+            raise RuntimeError(
+                f"rollout worker {w.id} died, and with it the learner actor that held it ({err}); resume the "
+                "run from its last checkpoint (train.resume_from_checkpoint)"
+            ) from err
         logger.warning("rollout worker %s died (%s); replacing it and re-queueing its requests", w.id, err)
         lost: list[int] = []
         for ref, tickets in list(w.inflight.items()):

@@ -1,8 +1,9 @@
-"""The Ray side of weight sync: the two transports that drive learner and rollout actors.
+"""The Ray side of weight sync: the transports that drive learner and rollout actors.
 
-Both make ONE control call per engine per sync (and one per learner rank, every rank taking part
-under ZeRO-3); the weights themselves move in buckets, over a process group (``collective``) or
-through the object store (``object_store``). Each phase waits at most ``cfg.timeout_s``; a call
+Each makes ONE control call per engine per sync (and one per learner rank, every rank taking part
+under ZeRO-3); the weights themselves move in buckets, over a process group (``collective``),
+through the object store (``object_store``), or not between processes at all (``ColocatedTransport``:
+each learner actor loads the engine it holds). Each phase waits at most ``cfg.timeout_s``; a call
 that has not answered by then is *stalled*. The outcome is a ``SendResult``: receivers that died
 or stalled are listed in ``lost`` (the broadcaster replaces them), other failures in ``failed``,
 and a learner-side failure in ``sender_error``. A group that saw any failure is never reused.

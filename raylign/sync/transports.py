@@ -1,14 +1,15 @@
 """How weights travel from the learner to the rollout engines: one small interface, three transports.
 
-- ``inprocess``: learner and engine live in this process (``num_learners == 0`` and rollout
-  ``num_workers == 0``): each bucket is loaded straight into the engine.
+- ``inprocess``: learner and engine live in one process, so each bucket is loaded straight into
+  the engine: this process (``num_learners == 0`` and rollout ``num_workers == 0``), or every
+  learner actor with its own engine (``rollout.colocate``; ``raylign.sync.group.ColocatedTransport``).
 - ``collective``: a torch.distributed group of learner rank 0 and every engine (gloo on CPU, NCCL
   on GPU); each bucket is one broadcast of one flat buffer (``raylign.sync.group``).
 - ``object_store``: learner rank 0 ``ray.put`` s each bucket; each engine gets the list of
   references in one call and loads them one at a time (``raylign.sync.group``).
 
-``auto`` picks ``inprocess`` when both sides are local, ``object_store`` when only the engine is
-(the driver holds it, so there is no process to broadcast to), else ``collective``.
+``auto`` picks ``inprocess`` when both sides are local or colocated, ``object_store`` when only the
+engine is local (the driver holds it, so there is no process to broadcast to), else ``collective``.
 """
 
 from __future__ import annotations
@@ -108,17 +109,7 @@ class InProcessTransport:
         return Readiness(ready=list(targets))
 
     def send(self, targets: Sequence[Target], version: int) -> SendResult:
-        result = SendResult()
-        if self.learner.learner_cfg.zero_stage == 3:
-            buckets = self.learner.iter_weight_buckets(self.bucket_mb, self.trainable_only)
-        else:  # the engine copies out of the learner's own tensors
-            buckets = iter_bucket_views(self.learner.policy, self.bucket_mb, self.trainable_only)
-        for bucket in buckets:
-            self.worker.load_weights(bucket)
-            result.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
-            result.buckets += 1
-            del bucket
-        self.worker.set_version(version)
+        result = load_in_process(self.learner, self.worker, self.bucket_mb, self.trainable_only, version)
         result.synced = [worker_id for worker_id, _ in targets]
         return result
 
@@ -126,15 +117,49 @@ class InProcessTransport:
         pass
 
 
-def resolve_transport(kind: str, learners_local: bool, rollouts_local: bool) -> str:
-    """The transport ``kind`` means for this placement (``auto`` resolved; impossible choices refused)."""
+def load_in_process(
+    learner: Any, worker: Any, bucket_mb: float, trainable_only: bool, version: int
+) -> SendResult:
+    """Load ``learner``'s current weights into ``worker``'s engine, then set ``version`` (same process).
+
+    Under ZeRO 0-2 the engine copies straight out of the learner's tensors; under ZeRO-3 each
+    bucket is gathered first, a collective every learner rank must run. Returns bytes and buckets.
+    """
+    result = SendResult()
+    if learner.learner_cfg.zero_stage == 3:
+        buckets = learner.iter_weight_buckets(bucket_mb, trainable_only)
+    else:
+        buckets = iter_bucket_views(learner.policy, bucket_mb, trainable_only)
+    for bucket in buckets:
+        worker.load_weights(bucket)
+        result.bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+        result.buckets += 1
+        del bucket
+    worker.set_version(version)
+    return result
+
+
+def resolve_transport(kind: str, learners_local: bool, rollouts_local: bool, colocated: bool = False) -> str:
+    """The transport ``kind`` means for this placement (``auto`` resolved; impossible choices refused).
+
+    ``colocated``: every engine lives inside a learner actor (``rollout.colocate``), so only
+    ``inprocess`` fits: there is no second process to send to.
+    """
+    if colocated:
+        if kind not in ("auto", "inprocess"):
+            raise ValueError(
+                f"sync.transport={kind} cannot reach engines that live inside the learner actors "
+                "(rollout.colocate); use 'auto' or 'inprocess'"
+            )
+        return "inprocess"
     if kind == "auto":
         if rollouts_local:
             return "inprocess" if learners_local else "object_store"
         return "collective"
     if kind == "inprocess" and not (learners_local and rollouts_local):
         raise ValueError(
-            "sync.transport=inprocess needs learner.num_learners=0 and rollout.num_workers=0; use 'auto'"
+            "sync.transport=inprocess needs learner.num_learners=0 and rollout.num_workers=0, or "
+            "rollout.colocate; use 'auto'"
         )
     if kind == "collective" and rollouts_local:
         raise ValueError(
@@ -148,10 +173,14 @@ def resolve_transport(kind: str, learners_local: bool, rollouts_local: bool) -> 
 
 def make_transport(learners: Any, rollouts: Any, cfg: SyncConfig, trainable_only: bool) -> Transport:
     """The transport ``cfg.transport`` names for these groups (Ray is imported only for the remote ones)."""
-    kind = resolve_transport(cfg.transport, learners.local_learner is not None, rollouts.local is not None)
-    if kind == "inprocess":
+    colocated = rollouts.colocated
+    local = (learners.local_learner is not None, rollouts.local is not None)
+    kind = resolve_transport(cfg.transport, *local, colocated)
+    if kind == "inprocess" and not colocated:
         return InProcessTransport(learners, rollouts, cfg, trainable_only)
-    from raylign.sync.group import CollectiveTransport, ObjectStoreTransport
+    from raylign.sync.group import CollectiveTransport, ColocatedTransport, ObjectStoreTransport
 
+    if colocated:
+        return ColocatedTransport(learners, rollouts, cfg, trainable_only)
     cls = CollectiveTransport if kind == "collective" else ObjectStoreTransport
     return cls(learners, rollouts, cfg, trainable_only)

@@ -127,11 +127,25 @@ def test_rollout_workers_scale_up_and_down_during_the_run(ray_local, task, tmp_p
     assert len(uids) == 4 * 8 and max(Counter(uids).values()) == 1
 
 
-def test_colocated_engines_sleep_through_updates(ray_local, task, tmp_path):
-    cfg = config_from_dict(grpo_config(task, tmp_path, "colocate", train={"max_steps": 2},
-                                       rollout={"colocate": True}, grpo={"max_staleness": 1}))
-    rows = read_metrics(run(cfg))
-    assert [r["step"] for r in rows] == [1, 2] and all(r["sync/version"] == r["step"] for r in rows)
+def test_colocated_run_syncs_inside_the_learner_actors(ray_local, task, tmp_path):
+    """rollout.colocate: each learner actor holds an engine; weights never cross a process (no gloo group)."""
+    cfg = config_from_dict(grpo_config(task, tmp_path, "colocate", train={"max_steps": 3},
+                                       learner={"num_learners": 2}, rollout={"colocate": True},
+                                       grpo={"max_staleness": 1}))
+    job = OnlineRun(cfg)
+    try:
+        assert job.broadcaster.transport.name == "inprocess"
+        assert [h for _, h in job.rollouts.workers] == job.learners.actors
+        job.train()
+        pings = ray.get([a.ping.remote() for a in job.learners.actors])
+    finally:
+        job.close()
+    rows = read_metrics(cfg.run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["sync/version"] == r["step"] for r in rows)
+    assert all(r["sync/bytes"] > 0 and r["sync/engines"] == 2 for r in rows)  # loaded in-process, both ranks
+    assert max(r["staleness/max"] for r in rows) <= 1
+    assert [p["version"] for p in pings] == [3, 3] and not any(p["weight_group"] for p in pings)
+    assert {p["worker_id"] for p in pings} == {"rollout-0", "rollout-1"}
 
 
 def test_staleness_zero_equals_a_synchronous_loop(ray_local, task, tmp_path):

@@ -156,6 +156,12 @@ def test_required_keys():
         ("sft", ["--data.max_prompt_length=1024"], "data.max_prompt_length: 1024 leaves no room"),
         ("grpo", ["--rollout.engine=vllm", "--rollout.colocate"],
          "rollout.colocate: a colocated vLLM engine"),
+        ("grpo", ["--rollout.colocate", "--learner.num_learners=2"],
+         "rollout.num_workers: with rollout.colocate each learner actor holds one engine: set it to "
+         "learner.num_learners (2)"),
+        ("grpo", ["--rollout.colocate", "--rollout.num_gpus_per_worker=0.5"],
+         "rollout.num_gpus_per_worker: a colocated engine runs inside its learner actor"),
+        ("grpo", ["--rollout.colocate", "--sync.transport=collective"], "sync.transport: colocated engines"),
         ("grpo", ["--rollout.tensor_parallel_size=2"],
          "rollout.tensor_parallel_size: > 1 needs rollout.engine vllm"),
         ("grpo", ["--rollout.enable_sleep_mode"], "rollout.enable_sleep_mode: needs rollout.engine vllm"),
@@ -183,6 +189,8 @@ def test_rules_only_bind_where_they_matter():
     assert cfg.learner.num_learners == 4 and cfg.rollout.max_model_len == 768
     cfg = load("grpo", "--rollout.engine=vllm", "--rollout.colocate", "--rollout.enable_sleep_mode")
     assert cfg.rollout.colocate and cfg.rollout.enable_sleep_mode
+    cfg = load("grpo", "--rollout.colocate", "--learner.num_learners=0", "--rollout.num_workers=0")
+    assert cfg.rollout.colocate  # both in the driver process: colocated already
     resumed = load("sft", "--run_name=r1", "--train.resume_from_checkpoint=latest")
     assert resumed.train.resume_from_checkpoint == "latest"
 

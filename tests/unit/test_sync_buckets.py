@@ -133,6 +133,12 @@ def test_transport_choice_follows_placement():
         resolve_transport("inprocess", False, True)
     with pytest.raises(ValueError, match="collective needs rollout workers"):
         resolve_transport("collective", False, True)
+    # rollout.colocate: the engines are inside the learner actors, so only an in-process load reaches them
+    assert resolve_transport("auto", False, False, colocated=True) == "inprocess"
+    assert resolve_transport("inprocess", False, False, colocated=True) == "inprocess"
+    for kind in ("collective", "object_store"):
+        with pytest.raises(ValueError, match="inside the learner actors"):
+            resolve_transport(kind, False, False, colocated=True)
 
 
 # ---- a real gloo group, its members in threads of this process

@@ -43,19 +43,29 @@ from raylign.sync.transports import SyncError
 logger = logging.getLogger(__name__)
 
 
+def engine_kwargs(cfg: RaylignConfig, device: str) -> dict:
+    """The engine constructor's options: the rollout section in the terms of the engine it names.
+
+    vLLM takes ``EngineArgs`` fields only (``VLLMEngine`` refuses others): no ``batch_size`` (it
+    schedules every prompt it gets), and ``max_model_len`` unset means prompt + completion limits,
+    not the model's whole context (vLLM would size its KV cache for that).
+    """
+    r = cfg.rollout
+    if r.engine == "vllm":
+        max_len = r.max_model_len or cfg.data.max_prompt_length + cfg.grpo.max_completion_length
+        return {**r.engine_kwargs, "tensor_parallel_size": r.tensor_parallel_size,
+                "gpu_memory_utilization": r.gpu_memory_utilization, "max_model_len": max_len,
+                "enable_sleep_mode": r.enable_sleep_mode}
+    return {"batch_size": r.batch_size, "device": device, **r.engine_kwargs}
+
+
 def build_rollouts(cfg: RaylignConfig, learners: LearnerGroup | None = None) -> RolloutGroup:
     """The rollout workers; with ``rollout.colocate``, one engine inside each of ``learners``' actors."""
     r = cfg.rollout
-    kwargs = {"batch_size": r.batch_size, **r.engine_kwargs}
-    if r.engine == "vllm":
-        kwargs.update(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
-                      max_model_len=r.max_model_len, enable_sleep_mode=r.enable_sleep_mode)
     gpus = r.num_gpus_per_worker
     if gpus is None:
         gpus = float(r.tensor_parallel_size) if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    device = "cuda" if gpus > 0 else "cpu"
-    if r.engine == "transformers":
-        kwargs.setdefault("device", device)
+    kwargs = engine_kwargs(cfg, "cuda" if gpus > 0 else "cpu")
     spec = EngineSpec(kind=r.engine, model_path=cfg.model.name_or_path, kwargs=kwargs)
     resources = WorkerResources(num_cpus=r.num_cpus_per_worker, num_gpus=gpus, resources=dict(r.resources))
     if r.colocate and learners is not None and learners.actors:

@@ -319,3 +319,30 @@ class ObjectStoreTransport(_RemoteTransport):
         self._outcome(calls, calls.wait(self._deadline()), targets, result, lambda v: v == version)
         result.synced = [w for w, _ in targets if w not in result.failed]
         return result
+
+
+class ColocatedTransport(_RemoteTransport):
+    """``rollout.colocate``: each learner actor loads the engine it holds, from its own rank's weights.
+
+    One call per learner actor (every rank: ZeRO-3 gathers need all of them); the weights never
+    leave a process, so there is no weight group and nothing crosses the network. Each rank's
+    engine gets the full weights (ZeRO 0-2 hold them; ZeRO-3 gathers them over the learners'
+    own group, as for a checkpoint).
+    """
+
+    name = "inprocess"
+
+    def send(self, targets: Sequence[Target], version: int) -> SendResult:
+        result = SendResult()
+        if not targets:
+            return result
+        calls, args = _Calls(), (self.cfg.bucket_mb, self.trainable_only, version)
+        for worker_id, handle in self.rollouts.workers:  # every rank takes part, synced or not
+            calls.add(worker_id, handle.load_engine_weights.remote(*args))
+        result.control_calls += len(calls)
+        self._outcome(calls, calls.wait(self._deadline()), targets, result, lambda v: v[0] == version)
+        result.synced = [w for w, _ in targets if w not in result.failed]
+        answers = [calls.results[w] for w in result.synced]
+        if answers:  # (version, bytes, buckets) per engine; every engine loads the same weights
+            _, result.bytes, result.buckets = answers[0]
+        return result

@@ -121,8 +121,10 @@ def _apply(name: str, cls: str, flat: Flat, default: Any) -> dict[str, Any]:
     try:
         return rule.convert(value, flat) if rule.convert else {rule.to[0]: value}
     except CannotHonour as err:
-        if given:
-            raise _error(name, cls, f"{err}") from None
+        chosen = [n for n in (name, *rule.reads) if flat.is_set(n)]
+        if chosen:  # named after the field the message is about ("steps_per_generation=3: ..."), if the user set it
+            lead = str(err).split("=")[0]
+            raise _error(lead if lead in chosen else chosen[0], cls, f"{err}") from None
         logger.warning("TRL's default %s; raylign keeps its own setting", err)
         return {}
 

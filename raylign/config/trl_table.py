@@ -66,6 +66,7 @@ class Rule:
     ignore: bool = False  # no meaning here: accepted with one logged line
     refuse: str = ""  # cannot honour (unless the value is TRL's default): the reason
     apply_default: bool = True  # TRL's default is applied when the file leaves the field unset
+    reads: tuple[str, ...] = ()  # other TRL fields the converter reads (setting one makes its errors the user's)
 
     @property
     def kind(self) -> str:
@@ -109,8 +110,6 @@ def _only(name: str, *ok: Any, why: str) -> Converter:
 
 
 def _precision(v: Any, flat: Flat) -> dict[str, Any]:
-    if flat.get("fp16"):
-        raise CannotHonour("fp16=True: raylign trains in fp32 or bf16; set bf16: true instead")
     if not flat.is_set("bf16"):  # TRL's None/True means bf16 on GPU; raylign's `auto` also keeps CPUs at fp32
         return {"learner.precision": "auto"}
     return {"learner.precision": "bf16" if v else "fp32"}
@@ -268,22 +267,24 @@ TABLE: dict[str, Rule] = {
     "warmup_steps": Rule(("train.warmup_steps", "train.warmup_ratio"), _warmup,
                          note="A float below 1 is a ratio of the run (transformers 5), `train.warmup_ratio`."),
     "per_device_train_batch_size": Rule(("train.per_device_train_batch_size", "grpo.prompts_per_step"), _batches,
-                                        note=_BATCH_NOTE),
+                                        note=_BATCH_NOTE, reads=("gradient_accumulation_steps", "num_generations",
+                                                                 "steps_per_generation", "generation_batch_size")),
     "gradient_accumulation_steps": Rule(("train.gradient_accumulation_steps", "grpo.prompts_per_step"),
                                         lambda v, f: {}, note="See per_device_train_batch_size."),
     "logging_steps": Rule(("train.logging_steps",), _steps("train.logging_steps", "logging_steps")),
     "logging_strategy": Rule(convert=_only("logging_strategy", "steps", "no", why="raylign logs every "
                                            "train.logging_steps steps"), note="metrics.jsonl is always written."),
     "save_steps": Rule(("train.save_steps",), lambda v, f: {}, note="See save_strategy."),
-    "save_strategy": Rule(("train.save_steps",), _strategy("train.save_steps", "save_steps"),
+    "save_strategy": Rule(("train.save_steps",), _strategy("train.save_steps", "save_steps"), reads=("save_steps",),
                           note="`no` = 0: raylign still saves the final checkpoint."),
     "eval_steps": Rule(("train.eval_steps",), lambda v, f: {}, note="See eval_strategy."),
-    "eval_strategy": Rule(("train.eval_steps",), _strategy("train.eval_steps", "eval_steps")),
+    "eval_strategy": Rule(("train.eval_steps",), _strategy("train.eval_steps", "eval_steps"), reads=("eval_steps",)),
     "save_total_limit": Rule(("train.save_total_limit",), note=_SAME),
     "resume_from_checkpoint": Rule(("train.resume_from_checkpoint",), note=_SAME),
     "bf16": Rule(("learner.precision",), _precision,
                  note="TRL's default (bf16 unless fp16) is raylign's `auto`, which keeps a CPU run in fp32."),
-    "fp16": Rule(("learner.precision",), lambda v, f: {}, note="true is refused: raylign trains in fp32 or bf16."),
+    "fp16": Rule(("learner.precision",), _only("fp16", False, None, why="raylign trains in fp32 or bf16; set bf16: "
+                                               "true instead"), note="true is refused: raylign trains in fp32 or bf16."),
     "gradient_checkpointing": Rule(("model.gradient_checkpointing",), note=_SAME),
     "activation_checkpointing": Rule(("model.gradient_checkpointing",),
                                      lambda v, f: {} if v is None else {"model.gradient_checkpointing": bool(v)},
@@ -312,6 +313,7 @@ TABLE: dict[str, Rule] = {
     "SFTConfig.shuffle_dataset": Rule(ignore=True, note="TRL shuffles before packing; batches are shuffled "
                                                         "either way (data.shuffle)."),
     "completion_only_loss": Rule(("sft.completion_only_loss", "sft.assistant_only_loss"), _sft_losses,
+                                 reads=("assistant_only_loss",),
                                  note="None (TRL's default) = true for prompt/completion rows."),
     "assistant_only_loss": Rule(("sft.assistant_only_loss",), lambda v, f: {},
                                 note="See completion_only_loss; TRL's default false trains every token of `messages`."),
@@ -350,11 +352,11 @@ TABLE: dict[str, Rule] = {
     "mask_truncated_completions": Rule(("grpo.mask_truncated_completions",), note=_SAME),
     "num_iterations": Rule(("grpo.num_iterations",), note=_SAME),
     "reward_weights": Rule(("reward.reward_weights",), note=_SAME),
-    "log_completions": Rule(("grpo.log_completions_steps",), _log_completions,
+    "log_completions": Rule(("grpo.log_completions_steps",), _log_completions, reads=("logging_steps",),
                             note="true = every logging_steps; written to samples.jsonl."),
     "num_completions_to_print": Rule(("grpo.num_completions_to_print",),
                                      lambda v, f: {} if v is None else {"grpo.num_completions_to_print": v}),
-    "use_vllm": Rule(("rollout.engine", "rollout.colocate"), _engine,
+    "use_vllm": Rule(("rollout.engine", "rollout.colocate"), _engine, reads=("vllm_mode",),
                      note="true = vllm; vllm_mode colocate = rollout.colocate + enable_sleep_mode, server = own GPUs."),
     "vllm_mode": Rule(("rollout.colocate",), lambda v, f: {}, note="See use_vllm."),
     "vllm_gpu_memory_utilization": Rule(("rollout.gpu_memory_utilization",), note=_SAME),
@@ -381,7 +383,8 @@ TABLE: dict[str, Rule] = {
                   note="TRL's float32 default is not applied: raylign's `auto` follows learner.precision."),
     "attn_implementation": Rule(("model.attn_implementation",), lambda v, f: {} if v is None else
                                 {"model.attn_implementation": v}, note=_SAME),
-    "use_peft": Rule(("model.lora.r",), _lora, note="true = LoRA with lora_r, lora_alpha, lora_dropout (TRL's defaults)."),
+    "use_peft": Rule(("model.lora.r",), _lora, reads=("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"),
+                     note="true = LoRA with lora_r, lora_alpha, lora_dropout (TRL's defaults)."),
     "lora_r": Rule(("model.lora.r",), lambda v, f: {}, note="See use_peft."),
     "lora_alpha": Rule(("model.lora.lora_alpha",), lambda v, f: {}, note="See use_peft."),
     "lora_dropout": Rule(("model.lora.lora_dropout",), lambda v, f: {}, note="See use_peft."),

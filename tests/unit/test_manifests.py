@@ -118,6 +118,10 @@ def test_manifest_matches_its_schema(name, doc):
         assert doc["apiVersion"] == "v1" and set(doc) <= {"apiVersion", "kind", "metadata", "spec"}
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", doc["metadata"]["name"])
         errors = schema_errors(doc["spec"], pvc_spec_schema())
+    elif kind == "NetworkPolicy":
+        from k8s_schemas import NETWORK_POLICY  # not embedded in the CRDs; written from the API reference
+
+        errors = schema_errors(doc, NETWORK_POLICY)
     else:
         pytest.fail(f"{name}: no schema check for kind {kind}; add one")
     assert not errors, f"{name}:\n" + "\n".join(errors)

@@ -4,6 +4,7 @@ TRL computes the behaviour (vLLM) importance weights inline in
 ``GRPOTrainer._generate_and_score_completions`` and the loss in ``GRPOTrainer._compute_loss``. Both
 run here on trainers made with ``object.__new__`` whose generation, reward and logprob calls are
 replaced by stubs returning our tensors, so every number comes from TRL's code, not a re-derivation.
+Reading TRL's private trainer attributes is safe because TRL is pinned in requirements/cpu.lock.
 """
 
 from __future__ import annotations

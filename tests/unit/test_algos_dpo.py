@@ -3,6 +3,7 @@
 TRL's loss lives in ``DPOTrainer._compute_loss``; it is driven on a trainer made with
 ``object.__new__`` and a stub model whose fused-LM-head output is our per-token logprob leaf
 (zero where the label is ignored, as TRL's fused head returns).
+Reading TRL's private trainer attributes is safe because TRL is pinned in requirements/cpu.lock.
 """
 
 from __future__ import annotations

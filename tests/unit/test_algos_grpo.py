@@ -2,6 +2,7 @@
 
 TRL's loss lives in ``GRPOTrainer._compute_loss`` and its behaviour weights in
 ``_generate_and_score_completions``; tests/trl_reference.py drives both on our tensors.
+Reading TRL's private trainer attributes is safe because TRL is pinned in requirements/cpu.lock.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ TRL's loss lives in ``SFTTrainer.compute_loss``; it is driven on a trainer made 
 ``object.__new__`` and a stub model whose fused-LM-head output is our per-token logprob leaf.
 TRL has no per-sequence mean for SFT, so ``"sequence_mean"`` is checked against a hand-written
 float64 reference instead.
+Reading TRL's private trainer attributes is safe because TRL is pinned in requirements/cpu.lock.
 """
 
 from __future__ import annotations

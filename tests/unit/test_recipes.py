@@ -240,7 +240,7 @@ def test_method_page_shows_its_recipe_and_commands(recipe):
 
 
 def test_generated_reference_and_migration_table_are_current():
-    pytest.importorskip("trl", reason="the migration table is generated from TRL's config classes")
+    # The migration page comes from raylign/config/trl_table.py and its TRL snapshot: no TRL import needed.
     sys.path.insert(0, str(ROOT / "docs"))
     from gen_docs import stale
 

@@ -7,11 +7,12 @@ instead and left out (``report.apply(ds)``), as are too-long rows under ``trunca
 
 Reasons: ``empty_dataset`` and ``missing_column`` (always raised), ``bad_format``,
 ``placeholder_mismatch``, ``empty_image``, ``missing_image_file``, ``corrupt_image``,
-``decompression_bomb``, ``extreme_aspect_ratio``, ``too_long``.
+``decompression_bomb``, ``extreme_aspect_ratio``, ``too_long``, ``control_characters``.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -120,6 +121,8 @@ def _format_problem(kind: str, row: dict[str, Any], n_images: int) -> _Problem |
         messages = to_messages(value)
         if detail := literal_problem(messages):
             return _Problem("placeholder_mismatch", col, detail, "fix the row or drop it")
+        if detail := _control_character(messages):
+            return _Problem("control_characters", col, detail, "remove them or replace them by spaces")
         placeholders += count_image_parts(messages)
         literals += count_literal_placeholders(value)
     if (
@@ -137,6 +140,21 @@ def _format_problem(kind: str, row: dict[str, Any], n_images: int) -> _Problem |
             "give exactly one placeholder per image, in image order: a {'type': 'image'} part, or '<image>' "
             "written where the image goes",
         )
+    return None
+
+
+# C0 control characters and DEL, except tab, newline and carriage return: in text they mean binary
+# junk or terminal escapes (they also garble every log and sample view that prints the text).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _control_character(messages: list[dict[str, Any]]) -> str | None:
+    for turn, message in enumerate(messages):
+        content = message.get("content")
+        parts = [content] if isinstance(content, str) else [p.get("text") for p in content or []]
+        for text in parts:
+            if isinstance(text, str) and (found := _CONTROL.search(text)):
+                return f"turn {turn} has the control character {found.group()!r} at offset {found.start()}"
     return None
 
 

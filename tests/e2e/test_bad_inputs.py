@@ -161,6 +161,9 @@ BAD_ROWS = {  # case -> (break row 2, what the error line must say)
                                     "give exactly one placeholder per image")),
     "prompt-too-long": (lambda row, col: _user_text(row, col).__setitem__("text", "word " * 3000),
                         ("row 2, column '{col}': the ", " tokens, above max_", "shorten it")),
+    "control-characters": (lambda row, col: _user_text(row, col).__setitem__("text", "what\x1b[2J colour?"),
+                           ("row 2, column '{col}': turn 0 has the control character '\\x1b' at offset 4",
+                            "remove them or replace them by spaces")),
     "empty-dataset": (None, ("has no rows; check the path, split and filters",)),
 }
 

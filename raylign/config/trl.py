@@ -12,6 +12,7 @@ docs/migration-from-trl.md is generated from this table.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -79,7 +80,10 @@ def from_trl(tree: Mapping[str, Any], method: str, preset_keys: set[str]) -> dic
     ours = _dotted({k: v for k, v in tree.items() if k not in trl_keys})
     for name in trl_keys:
         if _class_of(name, method) is None:
-            raise ConfigError(f"{name}: neither a raylign key nor a field of TRL's {', '.join(CLASSES[method])} "
+            known = [*RAYLIGN_TOP, *(f for c in CLASSES[method] for f in snapshot().get(c, {}))]
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{name}: neither a raylign key nor a field of TRL's {', '.join(CLASSES[method])}{hint} "
                               f"(`raylign config-docs` lists raylign's keys)")
     world = max(1, int(ours.get("learner.num_learners", 1)))
     flat = Flat(trl_keys, method, world)

@@ -46,7 +46,7 @@ def test_bad_key_is_one_line_and_exit_2(tmp_path):
 
 def test_training_args_become_the_config(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("method: sft\nrun_name: r1\nmodel: {name_or_path: m}\ndata: {train: d}\n")
+    path.write_text("run_name: r1\nmodel: {name_or_path: m}\ndata: {train: d}\n")  # no method: the command's
     args = parse("grpo", "--config", str(path), "--rollout.num_workers", "4", "--train.max_steps", "-1",
                  "--grpo.temperature=0.7", "--resume")
     cfg = config_from_args(args)

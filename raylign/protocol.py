@@ -97,6 +97,9 @@ class TrainSample:
     advantage: float
     policy_version: int
     truncated: bool = False  # finish_reason == "length"
+    # [T] the learner's logprobs for the weights that start the update (decoupled PPO's proximal
+    # policy); set by the driver when a batch gets several passes, else None (the first pass has them).
+    proximal_logprobs: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

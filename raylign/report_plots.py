@@ -33,6 +33,13 @@ FAMILIES: dict[str, list[Spec]] = {
     ],
     "pipeline": [
         ("Staleness (policy versions)", ["staleness/mean", "staleness/max"]),
+        ("Behaviour weight pi_prox / pi_sampler",
+         ["sampling/importance_sampling_ratio/mean", "sampling/importance_sampling_ratio/max",
+          "sampling/importance_sampling_ratio/min"]),
+        ("Sampler/learner mismatch", ["sampling/mismatch_kl", "sampling/sampling_logp_difference/mean"]),
+        ("Masked by the off-policy correction (fraction)",
+         ["sampling/is_masked_frac", "sampling/off_policy_masked_frac"]),
+        ("Proximal logprob recompute (s, part of time/train)", ["time/proximal"]),
         ("Throughput (tokens/s)", ["throughput/generate_tokens_per_s", "throughput/train_tokens_per_s"]),
     ],
     "training": [

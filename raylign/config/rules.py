@@ -94,6 +94,16 @@ def _check_grpo(cfg: RaylignConfig) -> None:
     g = cfg.grpo
     _require(g.epsilon_high is None or g.epsilon_high >= g.epsilon, "grpo.epsilon_high",
              f"{g.epsilon_high} is below grpo.epsilon {g.epsilon}")
+    low, high, mode = g.vllm_importance_sampling_clip_min, g.vllm_importance_sampling_clip_max, \
+        g.vllm_importance_sampling_mode
+    _require(low is None or high is None or low < high, "grpo.vllm_importance_sampling_clip_min",
+             f"{low} must be below grpo.vllm_importance_sampling_clip_max {high}")
+    _require(not (g.vllm_importance_sampling_correction and mode.endswith("truncate") and low is None
+                  and high is None), "grpo.vllm_importance_sampling_mode",
+             f"{mode} needs grpo.vllm_importance_sampling_clip_max or _clip_min")
+    _require(not (g.loss_type == "vespo" and g.vllm_importance_sampling_correction and mode.startswith("sequence")),
+             "grpo.vllm_importance_sampling_mode", "loss_type vespo folds token weights into its sequence weight: "
+             "use token_truncate or token_mask")
     if not cfg.is_online:
         return
     _require(g.num_generations >= 2, "grpo.num_generations",

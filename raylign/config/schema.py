@@ -203,7 +203,12 @@ class GRPOConfig:
     importance_sampling_level: Literal["token", "sequence"] = _f(
         "token", "Importance ratio per token, or one per sequence (GSPO)."
     )
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = _f("dapo", "How token losses are normalized.")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"] = _f(
+        "dapo",
+        "Surrogate and normalisation (TRL's): grpo/bnpo/dr_grpo/dapo/luspo clip the ratio; cispo caps a "
+        "detached ratio at epsilon_high; sapo gates it softly; vespo weights sequences by a Gamma "
+        "function of their ratio. docs/grpo.md compares them.",
+    )
     beta: float = _f(0.0, "KL penalty coefficient; 0 = no reference model.", ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = _f("k3", "KL estimator used when beta > 0.")
     scale_rewards: Literal["group", "batch", "none"] = _f(
@@ -219,9 +224,33 @@ class GRPOConfig:
     max_dynamic_sampling_rounds: int = _f(
         3, "Extra sampling rounds allowed per step with dynamic_sampling.", ge=1
     )
-    tis_cap: float | None = _f(
-        None, "Truncated importance-sampling cap on learner/sampler ratios; None = off.", ge=1
+    vllm_importance_sampling_correction: bool = _f(
+        True,
+        "Weight each token by the behaviour ratio pi_prox / pi_sampler (decoupled PPO), whatever the engine: "
+        "corrects both sampler/learner mismatch and staleness. On by default, as TRL.",
     )
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        _f("sequence_mask", "Per token or per sequence; truncate the ratio to the bounds, or zero it outside.")
+    )
+    vllm_importance_sampling_clip_max: float | None = _f(
+        3.0, "Upper bound C_max of the behaviour ratio; None = open.", gt=0
+    )
+    vllm_importance_sampling_clip_min: float | None = _f(
+        None, "Lower bound C_min of the behaviour ratio; None = open.", ge=0
+    )
+    off_policy_mask_threshold: float | None = _f(
+        None,
+        "Drop negative-advantage completions whose mean log(pi_sampler / pi) exceeds this (DeepSeek-V3.2); "
+        "None = off.",
+        ge=0,
+    )
+    use_bias_correction_kl: bool = _f(True, "Multiply the per-token KL by the importance ratio (TRL's default).")
+    sapo_temperature_pos: float = _f(1.0, "SAPO gate temperature for positive advantages.", gt=0)
+    sapo_temperature_neg: float = _f(1.05, "SAPO gate temperature for other advantages.", gt=0)
+    vespo_k_pos: float = _f(2.0, "VESPO power for non-negative advantages (down-weights ratios < 1).", ge=0)
+    vespo_lambda_pos: float = _f(3.0, "VESPO decay for non-negative advantages (down-weights ratios > 1).", ge=0)
+    vespo_k_neg: float = _f(3.0, "VESPO power for negative advantages.", ge=0)
+    vespo_lambda_neg: float = _f(2.0, "VESPO decay for negative advantages.", ge=0)
     eval_num_prompts: int = _f(64, "Prompts sampled per evaluation.", ge=0)
     log_completions_steps: int = _f(10, "Log sample completions every this many steps; 0 = never.", ge=0)
     num_completions_to_print: int = _f(4, "Completions shown each time they are logged.", ge=0)

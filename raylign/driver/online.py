@@ -11,6 +11,7 @@ ends the run with the command that resumes it from the last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -108,6 +109,7 @@ class OnlineRun:
         self.last_checkpoint: Path | None = None
         self.reward_errors = RewardErrorLog()  # failing reward functions: progress bar and reward_errors.json
         self._new_reward_errors: list[str] = []
+        self._proximal_s = 0.0  # seconds the last step spent recomputing proximal logprobs
         if self.resume_from is not None:
             self._restore(self.resume_from)
         self.pipeline = RolloutPipeline(self.rollouts, self.rewards, self.train_ds, self.sampler, g,
@@ -188,9 +190,25 @@ class OnlineRun:
 
     def _update(self, batch: TrainBatch) -> list[UpdateResult]:
         try:
+            if self.cfg.grpo.num_iterations > 1:
+                batch = self._with_proximal(batch)
             return [self.learners.update(batch, self.objective) for _ in range(self.cfg.grpo.num_iterations)]
         except ray.exceptions.RayActorError as err:
             raise self._learner_failed(err) from err
+
+    def _with_proximal(self, batch: TrainBatch) -> TrainBatch:
+        """``batch`` with the learner's logprobs for the current weights (decoupled PPO's proximal policy).
+
+        Later passes over a batch clip against these; the first pass needs none (its weights ARE the
+        proximal ones, so the loss reads its own detached logprobs), hence one pass = no recompute.
+        """
+        start = time.perf_counter()
+        rows = self.learners.logprobs(list(batch.samples), self.objective, self.cfg.grpo.temperature)
+        samples = tuple(
+            dataclasses.replace(s, proximal_logprobs=tuple(r.tolist())) for s, r in zip(batch.samples, rows)
+        )
+        self._proximal_s = time.perf_counter() - start
+        return TrainBatch(samples, batch.policy_version)
 
     def _train_overlapped(self, batch: TrainBatch) -> list[UpdateResult]:
         """Run the update in a helper thread while this thread keeps the rollout workers fed."""
@@ -239,6 +257,7 @@ class OnlineRun:
             "time/generate": got.generate_s / workers,
             "time/reward": got.reward_s,
             "time/train": t2 - t1,
+            "time/proximal": self._proximal_s,  # inside time/train; 0 when num_iterations is 1
             "time/sync": t3 - t2,
             "time/step": t3 - t0,
             "throughput/generate_tokens_per_s": tokens * workers / got.generate_s if got.generate_s else 0.0,

@@ -68,3 +68,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise max of ``x`` over all ranks (a new tensor; ``x`` is left alone)."""
+    out = x.detach().clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out

@@ -18,7 +18,7 @@ import torch
 
 from raylign.config import LearnerConfig, ModelConfig, TrainConfig
 from raylign.learner import engine as ds
-from raylign.learner.distributed import all_reduce_sum, ensure_process_group, resolve_backend
+from raylign.learner.distributed import all_reduce_max, all_reduce_sum, ensure_process_group, resolve_backend
 from raylign.learner.extensions import prepare_deepspeed
 from raylign.learner.logprobs import TokenLogprobs
 from raylign.learner.model import build_policy, build_reference
@@ -356,12 +356,17 @@ class Learner:
 
 
 class _MetricSums:
-    """Weighted sums of micro-batch metrics; ``loss`` is summed (its terms already carry global normalisers)."""
+    """Weighted sums of micro-batch metrics; ``loss`` is summed (its terms already carry global normalisers).
+
+    Metrics named ``.../max`` or ``.../min`` (e.g. ``sampling/importance_sampling_ratio/max``) are
+    extremes: reduced by max / min over micro-batches and ranks, not averaged.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.loss = torch.zeros((), dtype=torch.float64, device=device)
         self.sums: dict[str, torch.Tensor] = {}
+        self.maxima: dict[str, torch.Tensor] = {}  # min metrics are kept negated, so one max-reduce serves both
         self.weight = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, loss: torch.Tensor, metrics: Mapping[str, torch.Tensor], weight: torch.Tensor) -> None:
@@ -370,15 +375,24 @@ class _MetricSums:
         for key, value in metrics.items():
             if key == "loss" or key.startswith("num_"):
                 continue
-            term = value.detach().double().to(self.device) * weight.double()
+            value = value.detach().double().to(self.device)
+            if key.endswith(("/max", "/min")):
+                value = value if key.endswith("/max") else -value
+                self.maxima[key] = torch.maximum(self.maxima[key], value) if key in self.maxima else value
+                continue
+            term = value * weight.double()
             self.sums[key] = self.sums[key] + term if key in self.sums else term
 
     def reduce(self) -> dict[str, float]:
-        """Global values: ``loss`` summed over ranks, every other metric a weighted mean over ranks."""
+        """Global values: ``loss`` summed over ranks, extremes max/min over ranks, others a weighted mean."""
         keys = sorted(self.sums)
         local = torch.stack([self.loss, self.weight, *[self.sums[k] for k in keys]])
         total = all_reduce_sum(local).cpu()
         weight = float(total[1])
         out = {"loss": float(total[0])}
         out.update({k: float(total[2 + i]) / max(weight, 1e-12) for i, k in enumerate(keys)})
+        extremes = sorted(self.maxima)
+        if extremes:
+            top = all_reduce_max(torch.stack([self.maxima[k] for k in extremes])).cpu()
+            out.update({k: float(v) if k.endswith("/max") else -float(v) for k, v in zip(extremes, top)})
         return out

@@ -10,6 +10,7 @@ name to one, explicitly.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -266,11 +267,13 @@ def _pad_rows(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
 
 @dataclass
 class PolicyObjective(_Stateless):
-    """GRPO / GSPO clipped policy loss on ``TrainSample`` records (collated with ``collate_completions``).
+    """GRPO / GSPO policy loss on ``TrainSample`` records (collated with ``collate_completions``), decoupled PPO.
 
-    ``old_logprobs`` are the samples' sampling-time logprobs. With ``tis_cap`` set they become the
-    sampler logprobs of truncated importance sampling instead, and the ratio is taken against the
-    learner's own (detached) logprobs, i.e. one on-policy iteration. Logits are divided by
+    The samples' ``old_logprobs`` are the behaviour policy's (the rollout engine's, at sampling
+    time); ``proximal_logprobs``, when the driver recomputed them, are the learner's for the weights
+    that started the step. The ratio is taken against the proximal policy (the learner's own detached
+    logprobs when there are none: on a step's first pass the weights are the proximal ones) and
+    ``policy_loss`` weights each token by ``pi_prox / pi_behaviour``. Logits are divided by
     ``temperature`` (the sampling temperature), for the policy and the reference alike.
     """
 
@@ -289,10 +292,15 @@ class PolicyObjective(_Stateless):
         width = max((len(s.completion_ids) for s in items), default=0)
         keep = [not (self.mask_truncated_completions and s.truncated) for s in items]
         extras = {
-            "old_logprobs": _pad_rows([s.old_logprobs for s in items], width),
+            "sampler_logprobs": _pad_rows([s.old_logprobs for s in items], width),
             "advantages": torch.tensor([float(s.advantage) for s in items]),
             "keep": torch.tensor(keep),
         }
+        recomputed = [s.proximal_logprobs is not None for s in items]
+        if any(recomputed) and not all(recomputed):
+            raise ValueError("some samples carry proximal_logprobs and some do not; recompute them for the whole batch")
+        if items and all(recomputed):
+            extras["proximal_logprobs"] = _pad_rows([s.proximal_logprobs for s in items], width)
         return MicroBatch(batch, extras)
 
     def _mask(self, mb: MicroBatch, mask: torch.Tensor) -> torch.Tensor:
@@ -313,8 +321,8 @@ class PolicyObjective(_Stateless):
                 ref = reference(mb.inputs, temperature=self.temperature).logprobs
         out = policy(mb.inputs, temperature=self.temperature, with_entropy=True)
         mask = self._mask(mb, out.mask)
-        sampled = mb.extras["old_logprobs"].to(out.logprobs)
-        old, sampler = (out.logprobs.detach(), sampled) if self.cfg.tis_cap is not None else (sampled, None)
+        proximal = mb.extras.get("proximal_logprobs")
+        old = out.logprobs.detach() if proximal is None else proximal.to(out.logprobs)
         return policy_loss(
             out.logprobs,
             old,
@@ -322,7 +330,7 @@ class PolicyObjective(_Stateless):
             mask,
             self.cfg,
             ref_logprobs=ref,
-            sampler_logprobs=sampler,
+            sampler_logprobs=mb.extras["sampler_logprobs"].to(out.logprobs),
             num_tokens=totals["tokens"],
             num_sequences=totals["sequences"],
             entropy=out.entropy,
@@ -330,18 +338,8 @@ class PolicyObjective(_Stateless):
 
 
 def policy_loss_config(g: GRPOConfig) -> PolicyLossConfig:
-    """The policy-loss settings of a GRPO/GSPO config section."""
-    return PolicyLossConfig(
-        epsilon=g.epsilon,
-        epsilon_high=g.epsilon_high,
-        delta=g.delta,
-        importance_sampling_level=g.importance_sampling_level,
-        loss_type=g.loss_type,
-        beta=g.beta,
-        kl_estimator=g.kl_estimator,
-        max_completion_length=g.max_completion_length,
-        tis_cap=g.tis_cap,
-    )
+    """The policy-loss settings of a GRPO/GSPO config section (every loss setting has its TRL name in both)."""
+    return PolicyLossConfig(**{f.name: getattr(g, f.name) for f in dataclasses.fields(PolicyLossConfig)})
 
 
 def _sft(cfg: RaylignConfig) -> Objective:

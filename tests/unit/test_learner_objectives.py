@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -20,6 +21,7 @@ from raylign.learner.objectives import (
     PreferenceObjective,
     SFTObjective,
     make_objective,
+    policy_loss_config,
 )
 from raylign.models.loading import load_model, load_processor
 from raylign.protocol import TrainSample
@@ -188,6 +190,37 @@ def test_policy_masks_truncated_and_counts(setup):
     expected = -sum(a * n for a, n in zip([1.0, -0.5, 0.3], lengths[:3])) / sum(lengths[:3])
     assert float(loss) == pytest.approx(expected, rel=1e-4)
     assert float(metrics["clip_ratio/region_mean"]) == 0.0
+
+
+def test_policy_ratio_reads_proximal_logprobs_and_weight_reads_the_sampler(setup):
+    """Decoupled PPO through the objective: the clip acts on pi / pi_prox, the sampler only weighs tokens."""
+    _, processor, policy = setup
+    samples = _samples(processor, policy, 4)  # the sampler's logprobs are the current policy's
+    cfg = PolicyLossConfig(vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=3.0)
+    objective = PolicyObjective(cfg)
+    shifted = [dataclasses.replace(s, proximal_logprobs=tuple(x + 0.5 for x in s.old_logprobs)) for s in samples]
+    mb = objective.collate(processor, shifted)
+    loss, metrics = objective.loss(mb, policy, None, objective.counts(mb))
+    r, w = math.exp(-0.5), math.exp(0.5)  # pi / pi_prox on every token, and pi_prox / pi_sampler
+    lengths = [len(s.completion_ids) for s in samples]
+    per_sample = [-min(r * s.advantage, max(r, 0.8) * s.advantage) * w * n for s, n in zip(samples, lengths)]
+    assert float(loss) == pytest.approx(sum(per_sample) / sum(lengths), rel=1e-4)
+    assert float(metrics["ratio/mean"]) == pytest.approx(r, rel=1e-4)
+    assert float(metrics["sampling/importance_sampling_ratio/mean"]) == pytest.approx(w, rel=1e-4)
+    assert float(metrics["clip_ratio/low_mean"]) > 0
+    with pytest.raises(ValueError, match="proximal_logprobs"):
+        objective.collate(processor, [shifted[0], samples[1]])
+
+
+def test_policy_loss_config_carries_every_loss_setting():
+    g = config_from_dict({"method": "grpo", "model": {"name_or_path": "m"}, "data": {"train": "d"},
+                          "grpo": {"loss_type": "cispo", "epsilon_high": 5.0, "vllm_importance_sampling_mode":
+                                   "token_mask", "off_policy_mask_threshold": 0.5, "vespo_k_neg": 1.5}}).grpo
+    cfg = policy_loss_config(g)
+    assert {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)} == {
+        f.name: getattr(g, f.name) for f in dataclasses.fields(cfg)
+    }
+    assert (cfg.loss_type, cfg.clip_high, cfg.vllm_importance_sampling_mode) == ("cispo", 5.0, "token_mask")
 
 
 def test_make_objective_maps_every_method():

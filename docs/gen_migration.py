@@ -43,6 +43,7 @@ maps it key by key through one table (`TABLE` in `raylign/config/trl.py`), the o
 generated from (`python docs/gen_migration.py > docs/migration-from-trl.md`):
 
 - **mapped**: the TRL field sets the raylign key(s) shown, translated where the meaning needs it;
+- **fixed**: raylign has one setting of it (TRL's default, as a rule); any other value is an error;
 - **ignored**: the field has no meaning in raylign; it is accepted with one logged line;
 - **refused**: raylign cannot honour the field's TRL meaning: any value but TRL's default is an error that says so.
   A TRL field this page does not name is treated the same way.

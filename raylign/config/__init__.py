@@ -2,7 +2,8 @@
 
 - ``schema``: the dataclasses (a help text and bounds per field);
 - ``loader``: YAML + overrides -> method presets -> typed build -> ``rules`` -> ``RaylignConfig``;
-- ``docs``: the generated reference (``raylign config-docs``).
+- ``docs``: the generated reference (``raylign config-docs``);
+- ``trl`` / ``trl_table``: a flat TRL config (GRPOConfig/DPOConfig/SFTConfig keys) mapped through one table.
 """
 
 from raylign.config.docs import config_reference_markdown

@@ -70,7 +70,7 @@ class Rule:
 
     @property
     def kind(self) -> str:
-        return "refused" if self.refuse else "ignored" if self.ignore else "mapped"
+        return "refused" if self.refuse else "ignored" if self.ignore else "mapped" if self.to else "fixed"
 
 
 # ----------------------------------------------------------------------------------------- converters

@@ -68,13 +68,14 @@ def reserve(request: ResourceRequest, timeout_s: float) -> PlacementGroup | None
         return None
     pg = placement_group(bundles, strategy=request.strategy)
     deadline = time.monotonic() + timeout_s
-    ready, _ = ray.wait([pg.ready()], timeout=min(timeout_s, _NOTICE_AFTER_S))
+    granted = pg.ready()
+    ready, _ = ray.wait([granted], timeout=min(timeout_s, _NOTICE_AFTER_S))
     if not ready and timeout_s > _NOTICE_AFTER_S:
         logger.warning(
             "waiting for %s (%s); giving up in %.0f s (resource_timeout_s)",
             request.what, _describe(request), deadline - time.monotonic(),
         )
-        ready, _ = ray.wait([pg.ready()], timeout=max(0.0, deadline - time.monotonic()))
+        ready, _ = ray.wait([granted], timeout=max(0.0, deadline - time.monotonic()))
     if ready:
         return pg
     remove_placement_group(pg)

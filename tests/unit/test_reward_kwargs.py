@@ -90,3 +90,16 @@ def test_progress_bar_and_report_name_the_function(worker, tmp_path):
     summary = (out / "summary.md").read_text()
     assert "## Reward functions that failed" in summary and "| `format_reward` | 1 of 1 | 1 | error: TypeError" in summary
     assert json.loads((out / "summary.json").read_text())["runs"][0]["reward_errors"]["format_reward"]["errors"] == 1
+
+
+def test_trl_reward_functions_run_unchanged_with_the_new_kwargs():
+    pytest.importorskip("trl")
+    with RewardWorker(["trl.rewards:think_format_reward", "trl.rewards:accuracy_reward"], timeout_s=60,
+                      num_processes=1) as w:
+        request = RolloutRequest("t", [{"role": "user", "content": "2+2?"}], (Image.new("RGB", (8, 8)),),
+                                 {"solution": "$4$"}, trainer_state=TrainerState(1, 2, 0.5))
+        texts = ("<think>\nadd\n</think>\n$4$", "five")
+        g = w.score(Rollout(request, tuple(Completion((1,), (0.0,), t, "stop") for t in texts), policy_version=0))
+    assert g.errors == {"think_format_reward": 0, "accuracy_reward": 0}, g.error_messages
+    assert g.per_function["think_format_reward"] == (1.0, 0.0)
+    assert all(v in (0.0, 1.0, None) for v in g.per_function["accuracy_reward"])

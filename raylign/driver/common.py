@@ -55,7 +55,9 @@ def materialize(cfg: RaylignConfig) -> RaylignConfig:
         if not (path / "prompt.parquet").exists():
             make_dataset(task, 256, path, seed=0, kind="all")
         data = dataclasses.replace(data, train=str(path / f"{_DATA_FILE[cfg.method]}.parquet"))
-    return dataclasses.replace(cfg, model=model, data=data)
+    # preset "none" from here on: the config now holds what the preset set, so config.yaml (and the resume
+    # command that reads it) does not lay the preset over the run's own overrides a second time.
+    return dataclasses.replace(cfg, model=model, data=data, preset="none")
 
 
 def cpus_wanted(cfg: RaylignConfig) -> float:

@@ -239,7 +239,8 @@ class OnlineRun:
         for grp in got.groups:
             self.sampler.done(grp.rollout.request.uid)
         uids = [grp.rollout.request.uid for grp in got.groups]
-        self._audit.write(json.dumps({"step": step + 1, "uids": uids}) + "\n")
+        workers = [grp.rollout.worker for grp in got.groups]  # who sampled each prompt (node failures, scaling)
+        self._audit.write(json.dumps({"step": step + 1, "uids": uids, "workers": workers}) + "\n")
         try:
             sync = self.broadcaster.broadcast(self._version())
         except SyncError as err:  # the dead receiver is replaced; it is synced before it gets work

@@ -222,11 +222,14 @@ class LearnerGroup:
             self._local.learner.close()
             self._local.learner = None
             return
-        if self.actors:
-            ray.get([a.shutdown.remote() for a in self.actors])
+        try:
+            if self.actors:
+                ray.get([a.shutdown.remote() for a in self.actors])
+        finally:  # also after a learner died (its node lost): a placement group left behind would be
+            # rescheduled onto the next learner node and hold the bundles a resumed run needs there
             for a in self.actors:
                 ray.kill(a)
             self.actors = []
-        if self._pg is not None:
-            remove_placement_group(self._pg)
-            self._pg = None
+            if self._pg is not None:
+                remove_placement_group(self._pg)
+                self._pg = None

@@ -49,6 +49,12 @@ class LearnerWorker:
         self.objective: Objective | None = None
         self.weight_sender = SenderEndpoint()  # weight sync to the rollout engines (raylign.sync)
 
+    def node_id(self) -> str:
+        """The Ray node this learner runs on (placement checks)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def address(self) -> str:
         """``tcp://<this node's IP>:<free port>``: the rendezvous point when this is rank 0."""
         import ray

@@ -96,12 +96,14 @@ class RolloutWorker:
         self.weight_receiver.leave()
 
     def ping(self) -> dict:
-        """Liveness and identity: worker id, weights version, process id, and how many ranks its engine takes in a sync group."""
+        """Liveness and identity: worker id, weights version, process id, how many ranks its engine takes in a
+        sync group, and the Ray node it runs on ("" without Ray)."""
         return {
             "worker_id": self.worker_id,
             "version": self.engine.version,
             "pid": os.getpid(),
             "weight_ranks": int(getattr(self.engine, "weight_ranks", 1)),
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
         }
 
 

@@ -118,9 +118,8 @@ def unavailable_message(
             total[k] = total.get(k, 0.0) + v
     offers = f"the cluster offers {_fmt(total)} ({len(nodes)} node(s)), free now {_fmt(available)}"
     if short:
-        asked = ", ".join(
-            f"{request.key_of(r)} ({r}: {_num(max(b.get(r, 0) for b in request.bundles))} per actor)" for r in short
-        )
+        most = {r: max(b.get(r, 0) for b in request.bundles) for r in short}
+        asked = ", ".join(f"{request.key_of(r)} ({r}: {_num(most[r])} per actor)" for r in short)
         cause = f"no node has enough {', '.join(short)} (asked by {asked})"
         fix = "lower those keys, fix a mistyped resource name, or add nodes that have them"
     else:
@@ -142,13 +141,14 @@ def _describe(request: ResourceRequest) -> str:
 
 
 def _fmt(resources: Mapping[str, float]) -> str:
-    """``{CPU: 4, GPU: 1, memory: 12.5 GiB}`` without Ray's bookkeeping (``node:<ip>``, placement-group shares)."""
+    """``{CPU: 4, GPU: 1, memory: 12.5 GiB}``, without Ray's ``node:<ip>`` and placement-group entries."""
     parts = []
     for k in sorted(resources, key=lambda k: (k not in ("CPU", "GPU"), k)):
         if k.startswith("node:") or _PG_SHARE.search(k):
             continue
         v = resources[k]
-        parts.append(f"{k}: {v / 2**30:.1f} GiB" if k in ("memory", "object_store_memory") else f"{k}: {_num(v)}")
+        in_bytes = k in ("memory", "object_store_memory")
+        parts.append(f"{k}: {v / 2**30:.1f} GiB" if in_bytes else f"{k}: {_num(v)}")
     return "{" + ", ".join(parts) + "}"
 
 

@@ -71,12 +71,22 @@ def split_placeholders(text: str) -> list[dict[str, Any]]:
     return parts
 
 
+def _split_part(part: Any) -> list[Any]:
+    """A text part with literal placeholders as text and image parts; any other part as it is."""
+    if isinstance(part, dict) and part.get("type") == "text" and _PLACEHOLDER.search(part.get("text") or ""):
+        return split_placeholders(part["text"])
+    return [part]
+
+
 def literal_problem(messages: Messages) -> str | None:
-    """What is wrong with the placeholders written in ``messages``' text, or None (see the module docstring)."""
+    """What is wrong with the placeholders written in ``messages``' text, or None (see the module doc)."""
     for m in messages:
         for text in _texts(m):
             if m.get("role") == "assistant" and (found := _PLACEHOLDER.search(text)):
-                return f"the assistant turn contains the image placeholder {found.group()!r}; remove it (images belong in the prompt)"
+                return (
+                    f"the assistant turn contains the image placeholder {found.group()!r}; remove it "
+                    "(images belong in the prompt)"
+                )
             if found := _OTHER_VISION.search(_PLACEHOLDER.sub("", text)):
                 return (
                     f"the text contains the vision token {found.group()!r}, which is not an image placeholder "
@@ -86,7 +96,7 @@ def literal_problem(messages: Messages) -> str | None:
 
 
 def _clean_message(message: dict[str, Any]) -> dict[str, Any]:
-    """A copy without ``None``-valued part keys; outside assistant turns, literal placeholders become parts."""
+    """A copy without ``None``-valued part keys; outside assistant turns literal placeholders become parts."""
     out = dict(message)
     content = out.get("content")
     if isinstance(content, (list, tuple)):
@@ -99,15 +109,7 @@ def _clean_message(message: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(content, str):
         out["content"] = split_placeholders(content) if _PLACEHOLDER.search(content) else content
     elif content is not None:
-        out["content"] = [
-            q
-            for part in content
-            for q in (
-                split_placeholders(part["text"])
-                if isinstance(part, dict) and part.get("type") == "text" and _PLACEHOLDER.search(part.get("text") or "")
-                else [part]
-            )
-        ]
+        out["content"] = [q for part in content for q in _split_part(part)]
     return out
 
 
@@ -136,7 +138,8 @@ def count_literal_placeholders(prompt: Any) -> int:
     if isinstance(prompt, str):
         return len(_PLACEHOLDER.findall(prompt))
     messages = prompt if is_conversational(prompt) else ()
-    return sum(len(_PLACEHOLDER.findall(t)) for m in messages if m.get("role") != "assistant" for t in _texts(m))
+    users = (m for m in messages if m.get("role") != "assistant")
+    return sum(len(_PLACEHOLDER.findall(t)) for m in users for t in _texts(m))
 
 
 def _texts(message: dict[str, Any]) -> list[str]:
@@ -148,7 +151,7 @@ def _texts(message: dict[str, Any]) -> list[str]:
 
 
 def check_placeholder_counts(processor, texts: Sequence[str], images: Sequence[Sequence[Any]]) -> None:
-    """Raise before the processor (and the model) see a chat text whose image placeholders miscount its images.
+    """Raise before the processor (and the model) see a text whose image placeholders miscount its images.
 
     Validation names the dataset row; this guard covers rows that skipped it (the processor's own
     error would come later, and from the learner mid-run).

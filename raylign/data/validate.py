@@ -132,7 +132,8 @@ def _format_problem(kind: str, row: dict[str, Any], n_images: int) -> _Problem |
     ):
         return _Problem("bad_format", "messages", "no assistant turn to train on", "add an assistant message")
     if placeholders and placeholders != n_images:
-        written = f", {literals} of them written in the text as {' or '.join(map(repr, IMAGE_PLACEHOLDERS[1:]))}" if literals else ""
+        forms = " or ".join(map(repr, IMAGE_PLACEHOLDERS[1:]))
+        written = f", {literals} of them written in the text as {forms}" if literals else ""
         return _Problem(
             "placeholder_mismatch",
             columns[0],

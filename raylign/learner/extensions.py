@@ -48,7 +48,7 @@ def skip_shm_comm_op() -> None:
 
 
 def extensions_root() -> Path:
-    """Where torch builds and caches extensions: ``TORCH_EXTENSIONS_DIR`` or its per-python/accelerator default."""
+    """Where torch builds extensions: ``TORCH_EXTENSIONS_DIR``, else its per-python/accelerator default."""
     explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
     if explicit:
         return Path(explicit)
@@ -60,7 +60,8 @@ def extensions_root() -> Path:
     accelerator = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
     if torch.version.hip:
         accelerator = f"rocm{torch.version.hip.replace('.', '')}"
-    return Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}_{accelerator}"
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path(get_default_build_root()) / f"{python}_{accelerator}"
 
 
 def lock_holders(lock: Path, proc: Path = Path("/proc")) -> tuple[int, ...] | None:
@@ -112,14 +113,17 @@ def check_build_locks(root: Path) -> None:
     """
     for lock in find_build_locks(root):
         if lock.holders is None:
-            logger.warning("extension build lock %s exists (%.0f s old); if no build is running, delete it", lock.path, lock.age_s)
+            logger.warning(
+                "extension build lock %s exists (%.0f s old); if no build is running, delete it", lock.path, lock.age_s
+            )
         elif lock.holders:
-            logger.warning("waiting for the extension build of pid(s) %s (lock %s)", list(lock.holders), lock.path)
+            logger.warning("waiting for the extension build of pid(s) %s (%s)", list(lock.holders), lock.path)
         elif lock.path.exists():  # not released meanwhile
             raise StaleBuildLock(
-                f"the torch extension build lock {lock.path} ({lock.age_s:.0f} s old) is held by no process on this "
-                f"host: a killed build left it, and DeepSpeed would wait on it forever; delete it (rm {lock.path}) "
-                "and start again (if another host shares this cache and is building, let it finish first)"
+                f"the torch extension build lock {lock.path} ({lock.age_s:.0f} s old) is held by no process "
+                "on this host: a killed build left it, and DeepSpeed would wait on it forever; delete it "
+                f"(rm {lock.path}) and start again (if another host shares this cache and is building, let it "
+                "finish first)"
             )
 
 

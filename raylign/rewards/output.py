@@ -68,8 +68,9 @@ class _Drain:
             if out and not out.endswith(b"\n"):
                 out += b"\n"
             more = self.dropped_lines + int(self.dropped_partial)
+            mib = self.dropped_bytes / 2**20
             out += (
-                f"[reward {name}: {more} more line(s), {self.dropped_bytes / 2**20:.1f} MiB of {stream} not shown "
+                f"[reward {name}: {more} more line(s), {mib:.1f} MiB of {stream} not shown "
                 f"(reward.output_lines={max_lines})]\n"
             ).encode()
         return out

@@ -52,8 +52,8 @@ Keys the file leaves unset get **TRL's defaults**, so the same file means the sa
 (the table below lists where they differ from raylign's own defaults); `raylign gspo` and
 `raylign mpo` still bring their method presets for keys the file leaves unset. A flat file may
 also hold raylign sections (`rollout: {num_workers: 4}`) for what TRL has no name for, and the
-command line takes raylign's dotted keys (`--rollout.num_workers=4`). A raylign-style file
-(sections only) keeps raylign's defaults.
+command line takes raylign's dotted keys (`--rollout.num_workers=4`). TRL's `env:` mapping sets
+environment variables, as in TRL. A raylign-style file (sections only) keeps raylign's defaults.
 
 ```yaml
 # the GSPO recipe as TRL's docs write it: raylign gspo --config gspo.yaml

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,6 +77,8 @@ def from_trl(tree: Mapping[str, Any], method: str, preset_keys: set[str]) -> dic
     if method not in CLASSES:
         raise ConfigError(f"method: a flat TRL config needs the command, e.g. `raylign grpo --config FILE` "
                           f"(the file has TRL keys such as {next(k for k in tree if k not in RAYLIGN_TOP)!r})")
+    tree = dict(tree)
+    _set_env(tree.pop("env", None))
     trl_keys = {k: v for k, v in tree.items() if k not in RAYLIGN_TOP or k in TABLE}
     ours = _dotted({k: v for k, v in tree.items() if k not in trl_keys})
     for name in trl_keys:
@@ -102,6 +105,17 @@ def from_trl(tree: Mapping[str, Any], method: str, preset_keys: set[str]) -> dic
             raise ConfigError(f"{key}: set twice, as {value!r} and through a TRL key as {out[key]!r}; keep one")
         out[key] = value
     return out
+
+
+def _set_env(env: Any) -> None:
+    """TRL's `env:` mapping: environment variables set before anything starts (Ray actors started here inherit them)."""
+    if env is None:
+        return
+    if not isinstance(env, Mapping):
+        raise ConfigError(f"env: expected a mapping of environment variables, got {type(env).__name__}")
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+    logger.warning("TRL env: set %s in this process (a Ray cluster's workers need them in their runtime_env)",
+                   ", ".join(map(str, env)))
 
 
 def _apply(name: str, cls: str, flat: Flat, default: Any) -> dict[str, Any]:

@@ -117,6 +117,16 @@ def test_what_cannot_be_honoured_is_an_error_that_says_so(tmp_path, method, valu
         flat(tmp_path, method, {"model_name_or_path": "m", "dataset_name": "d", **values})
 
 
+def test_trl_env_section_sets_environment_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYLIGN_TEST_ENV", "0")  # restored (removed) after the test
+    flat(tmp_path, "sft", {"model_name_or_path": "m", "dataset_name": "d", "env": {"RAYLIGN_TEST_ENV": 1}})
+    import os
+
+    assert os.environ["RAYLIGN_TEST_ENV"] == "1"
+    with pytest.raises(ConfigError, match="^env: expected a mapping"):
+        flat(tmp_path, "sft", {"model_name_or_path": "m", "env": ["A=1"]})
+
+
 def test_trl_defaults_fill_what_a_flat_file_leaves_unset(tmp_path):
     sft = flat(tmp_path, "sft", {"model_name_or_path": "m", "dataset_name": "d"})
     assert sft.train.learning_rate == 2e-5 and not sft.sft.assistant_only_loss and sft.sft.completion_only_loss

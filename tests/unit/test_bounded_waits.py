@@ -73,3 +73,17 @@ def test_the_lint_sees_a_bare_get(tmp_path):
         "def f(r):\n    ray.get(r)\n    ray.wait([r], timeout=None)\n    ray.get(r, timeout=5)\n"
     )
     assert unbounded_waits(tmp_path) == Counter({("m.py", "f"): 2})
+
+
+def test_resource_timeout_default_is_generous_only_where_nodes_can_be_added(monkeypatch):
+    from types import SimpleNamespace
+
+    from raylign.driver.common import resource_timeout_s
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local = SimpleNamespace(ray_address=None, resource_timeout_s=None)
+    assert resource_timeout_s(local) == 60.0
+    assert resource_timeout_s(SimpleNamespace(ray_address="auto", resource_timeout_s=None)) == 900.0
+    assert resource_timeout_s(SimpleNamespace(ray_address="auto", resource_timeout_s=5.0)) == 5.0
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # what `ray job submit` sets for the entrypoint
+    assert resource_timeout_s(local) == 900.0

@@ -73,3 +73,17 @@ def test_cpu_learner_starts_past_a_stale_shm_lock_without_building(tmp_path, tin
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "STARTED" in proc.stdout and "built successfully" not in proc.stdout + proc.stderr
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == [Path(SHM_COMM_OP), lock.relative_to(root)]
+
+
+def test_extensions_root_is_where_torch_builds(tmp_path, monkeypatch):
+    """Checked against torch's own (private) build-directory function, in a private cache."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from raylign.learner.extensions import extensions_root
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert Path(_get_build_directory("probe", False)).parent == extensions_root()
+    assert extensions_root().is_relative_to(tmp_path)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "explicit"))
+    assert Path(_get_build_directory("probe", False)).parent == extensions_root() == tmp_path / "explicit"

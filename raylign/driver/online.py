@@ -133,7 +133,10 @@ class OnlineRun:
 
     def _save(self, step: int) -> Path:
         path = common.checkpoint_dir(self.run_dir, step)
-        self.learners.save(path, {"sampler": self.sampler.state_dict(), "step": step})
+        try:
+            self.learners.save(path, {"sampler": self.sampler.state_dict(), "step": step})
+        except ray.exceptions.RayActorError as err:
+            raise self._learner_failed(err) from err
         common.mark_complete(path)
         self.last_checkpoint = path
         if self.cfg.train.save_total_limit:
@@ -244,6 +247,7 @@ class OnlineRun:
         try:
             sync = self.broadcaster.broadcast(self._version())
         except SyncError as err:  # the dead receiver is replaced; it is synced before it gets work
+            self._version()  # unless the sender died: a dead learner ends the run here, naming the resume command
             logger.warning("weight sync: %s", err)
             sync = {"sync/failed": 1.0}
         self.pipeline.fill(step + 1)  # the new weights open the next step's staleness window

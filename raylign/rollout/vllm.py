@@ -51,6 +51,7 @@ from typing import Any
 from transformers import AutoConfig
 
 from raylign.data.chat import render_prompt
+from raylign.models import torchvision_free
 from raylign.models.loading import load_processor, resolve_dtype
 from raylign.protocol import Completion, Rollout, RolloutRequest, SamplingParams
 from raylign.rollout.engine import NamedTensors, placeholder_token_ids, validate_requests
@@ -99,6 +100,23 @@ def accepted_options(vllm) -> set[str]:
     return params | {f.name for f in dataclasses.fields(vllm.EngineArgs)}
 
 
+def _check_weight_updates(llm) -> None:
+    """Fail at start-up, not at the first sync, on a vLLM without what weight updates need."""
+    import importlib.util
+
+    missing = [
+        what
+        for what, ok in (
+            ("LLMEngine.reset_encoder_cache", hasattr(llm.llm_engine, "reset_encoder_cache")),
+            ("vllm.model_executor.model_loader.reload (layerwise reload)",
+             importlib.util.find_spec("vllm.model_executor.model_loader.reload") is not None),
+        )
+        if not ok
+    ]  # fmt: skip
+    if missing:
+        raise RuntimeError(f"this vLLM lacks {', '.join(missing)}, which weight sync needs; use vLLM 0.32 or newer")
+
+
 def vllm_prompt(processor, request: RolloutRequest) -> dict[str, Any]:
     """The prompt dict ``LLM.generate`` takes for one request (placeholders left unexpanded)."""
     prompt: dict[str, Any] = {"prompt": render_prompt(processor, request.prompt, len(request.images))}
@@ -139,6 +157,8 @@ def _import_vllm():
         import vllm
     except ImportError as err:
         raise ImportError(VLLM_MISSING) from err
+    if not hasattr(vllm, "LLM"):  # e.g. a directory named vllm on sys.path (tests/vllm), not the package
+        raise ImportError(f"{VLLM_MISSING} (found a `vllm` that is not vLLM: {list(vllm.__path__)})")
     return vllm
 
 
@@ -173,10 +193,8 @@ class VLLMEngine:
     ):
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
-        from raylign.rollout import vllm_compat
-
-        vllm_compat.install()  # before vLLM imports its model modules, here and in its subprocesses
         vllm = _import_vllm()
+        torchvision_free.install()  # before vLLM imports its model modules, here and in its subprocesses
         self._vllm = vllm
         self.processor = load_processor(model_path)
         self.tokenizer = self.processor.tokenizer
@@ -194,6 +212,7 @@ class VLLMEngine:
             model_path, resolve_dtype(dtype, "cuda"), base, engine_kwargs, accepted_options(vllm)
         )
         self.llm = vllm.LLM(**options)
+        _check_weight_updates(self.llm)
         self.weight_ranks = int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
         self.sleep_mode, self.sleep_level = enable_sleep_mode, sleep_level
         self._version = version

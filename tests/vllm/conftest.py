@@ -15,7 +15,15 @@ import pytest
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-collect_ignore_glob = [] if importlib.util.find_spec("vllm") else ["test_*.py"]
+
+
+def _real_vllm() -> bool:
+    """vLLM installed (this directory, on ``sys.path`` as ``tests/vllm``, looks like a namespace package ``vllm``)."""
+    spec = importlib.util.find_spec("vllm")
+    return spec is not None and spec.origin not in (None, "namespace")
+
+
+collect_ignore_glob = [] if _real_vllm() else ["test_*.py"]
 
 @pytest.fixture(scope="session")
 def vllm_model_dir(tmp_path_factory):

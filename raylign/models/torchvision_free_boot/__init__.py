@@ -1,1 +1,1 @@
-"""Put on ``PYTHONPATH`` by ``raylign.rollout.vllm_compat.install``: only ``sitecustomize`` matters here."""
+"""Put on ``PYTHONPATH`` by ``raylign.models.torchvision_free.install``: only ``sitecustomize`` matters here."""

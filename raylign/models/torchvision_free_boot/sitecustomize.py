@@ -1,13 +1,13 @@
 """Runs at the start of every Python process whose ``PYTHONPATH`` has this directory (vLLM's engine core,
 its workers, its model inspection): installs raylign's torchvision-free substitute
-(``raylign.rollout.vllm_compat``), then runs the ``sitecustomize`` this one shadows, if any."""
+(``raylign.models.torchvision_free``), then runs the ``sitecustomize`` this one shadows, if any."""
 
 import importlib.machinery
 import importlib.util
 import os
 import sys
 
-from raylign.rollout.vllm_compat import install_hook
+from raylign.models.torchvision_free import install_hook
 
 install_hook()
 

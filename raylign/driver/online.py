@@ -225,7 +225,12 @@ class OnlineRun:
     def step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         version = self._version()
-        got: StepBatch = self.pipeline.next_batch(step)
+        try:
+            got: StepBatch = self.pipeline.next_batch(step)
+        except ray.exceptions.RayActorError as err:  # the rollout group replaces its own; not a learner's
+            if not self.rollouts.colocated:
+                raise
+            raise self._learner_failed(err) from err
         self._new_reward_errors = self.reward_errors.update(step + 1, got.groups)
         samples = train_samples(got.groups, self.cfg.grpo)
         t1 = time.perf_counter()

@@ -26,7 +26,7 @@ worker is only sent work while its version equals the group's (latest synced) ve
 ``num_workers=0`` runs one engine in this process, without Ray; ``wait``/``generate`` then run the
 queued requests synchronously. ``actors=`` runs the engines inside existing actors instead (the
 learner actors of ``rollout.colocate``, each given ``start_engine(spec, worker_id)``): the group
-never starts, replaces or kills one, and a dead one ends the run (its learner died with it).
+never starts, replaces or kills one, and a dead one is dropped (its learner died with it).
 Not thread-safe: one driver thread uses a group.
 """
 
@@ -404,14 +404,12 @@ class RolloutGroup:
     def _fail(self, w: _Worker, err: Exception) -> _Worker | None:
         """A worker died: keep what it finished, re-queue the rest, start a replacement.
 
-        A colocated worker is a learner actor: the run cannot go on without it, so this raises.
+        A colocated worker is a learner actor, so its learner died too: it is dropped, not replaced,
+        and the actor's own error is raised when a call found it dead (the driver then ends the run
+        with the resume command; after a failed sync the learners' next call does).
         """
-        if self.colocated:
-            raise RuntimeError(
-                f"rollout worker {w.id} died, and with it the learner actor that held it ({err}); resume the "
-                "run from its last checkpoint (train.resume_from_checkpoint)"
-            ) from err
-        logger.warning("rollout worker %s died (%s); replacing it and re-queueing its requests", w.id, err)
+        fate = "dropped: its learner died with it" if self.colocated else "replacing it"
+        logger.warning("rollout worker %s died (%s); %s, re-queueing its requests", w.id, err, fate)
         lost: list[int] = []
         for ref, tickets in list(w.inflight.items()):
             self._owner.pop(ref, None)
@@ -430,6 +428,10 @@ class RolloutGroup:
         self._pending.extendleft(sorted(lost, reverse=True))
         self.requeued += len(lost)
         self._workers.remove(w)
+        if self.colocated:
+            if isinstance(err, RayActorError):
+                raise err
+            return None
         self._kill(w)
         self.restarts += 1
         self._failures_in_a_row += 1

@@ -1,4 +1,4 @@
-"""rollout.colocate on a local Ray: 2 learner actors (ZeRO-2, ZeRO-3), each holding its own transformers engine.
+"""rollout.colocate on a local Ray: 2 learner actors (ZeRO-2, ZeRO-3), each with its own transformers engine.
 
 The engines live in the learner actors' processes, so a weight sync is a copy inside each process:
 no weight group is built, no byte crosses a process boundary, and after the sync each engine's
@@ -15,6 +15,7 @@ import pytest
 import ray
 import torch
 from PIL import Image
+from ray.exceptions import RayActorError
 
 from raylign.config import LearnerConfig, ModelConfig, SFTConfig, SyncConfig, TrainConfig
 from raylign.data.chat import encode_for_generation
@@ -41,7 +42,7 @@ def sft_rows(n: int) -> list[dict]:
 
 def requests(k: int, prefix: str) -> list[RolloutRequest]:
     s = SamplingParams(n=2, max_tokens=4)
-    return [RolloutRequest(uid=f"{prefix}{i}", prompt=f"colour? {i}", images=(IMG,), sampling=s) for i in range(k)]
+    return [RolloutRequest(f"{prefix}{i}", f"colour? {i}", images=(IMG,), sampling=s) for i in range(k)]
 
 
 def logits(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
@@ -62,7 +63,9 @@ def in_actor(worker, inputs: dict) -> dict:
         "learner": logits(worker.learner.policy, inputs),
         "engine": logits(worker.rollout.engine.model, inputs),
         "pid": os.getpid(),
-        "sync_state": (worker.weight_sender.group, worker.weight_sender._store, worker.rollout.weight_receiver.group),
+        "sync_state": (
+            worker.weight_sender.group, worker.weight_sender._store, worker.rollout.weight_receiver.group
+        ),
     }
 
 
@@ -88,9 +91,11 @@ def test_colocated_sync_stays_in_each_learner_process(ray_session, tiny_qwen_dir
     broadcaster = WeightBroadcaster(learners, rollouts, SyncConfig(bucket_mb=BUCKET_MB, timeout_s=60))
     try:
         assert [h for _, h in rollouts.workers] == learners.actors  # the engines live in the learner actors
-        assert isinstance(broadcaster.transport, ColocatedTransport) and broadcaster.transport.name == "inprocess"
+        transport = broadcaster.transport
+        assert isinstance(transport, ColocatedTransport) and transport.name == "inprocess"
         first = rollouts.generate(requests(4, "a"))
-        assert {r.policy_version for r in first} == {0} and {r.worker for r in first} == {"rollout-0", "rollout-1"}
+        assert {r.policy_version for r in first} == {0}
+        assert {r.worker for r in first} == {"rollout-0", "rollout-1"}
 
         total = sum(p.numel() * 4 for p in load_model(tiny_qwen_dir).parameters())
         for version in (1, 2):
@@ -107,7 +112,7 @@ def test_colocated_sync_stays_in_each_learner_process(ray_session, tiny_qwen_dir
             for rank, (got, ping) in enumerate(zip(held, pings)):
                 assert torch.equal(got["engine"], got["learner"]), (stage, version, rank)
                 assert got["sync_state"] == (None, None, None), "a weight-sync group or store was created"
-                assert ping["pid"] == got["pid"] and ping["version"] == version and ping["weight_group"] is False
+                assert (ping["pid"], ping["version"], ping["weight_group"]) == (got["pid"], version, False)
             assert held[0]["pid"] != held[1]["pid"]
             assert not torch.equal(held[0]["engine"], logits(load_model(tiny_qwen_dir), inputs))  # it trained
             later = rollouts.generate(requests(2, f"v{version}-"))
@@ -118,17 +123,28 @@ def test_colocated_sync_stays_in_each_learner_process(ray_session, tiny_qwen_dir
         learners.shutdown()
 
 
-def test_colocated_group_cannot_resize(ray_session, tiny_qwen_dir):
-    learners = LearnerGroup(ModelConfig(name_or_path=str(tiny_qwen_dir)), TrainConfig(per_device_train_batch_size=1),
+def test_a_colocated_engine_is_never_resized_nor_replaced(ray_session, tiny_qwen_dir):
+    learners = LearnerGroup(ModelConfig(name_or_path=str(tiny_qwen_dir)),
+                            TrainConfig(per_device_train_batch_size=1),
                             LearnerConfig(num_learners=1, num_cpus_per_learner=1), 1, colocated=True)
-    rollouts = RolloutGroup(1, EngineSpec("transformers", str(tiny_qwen_dir)), actors=learners.actors)
+    spec = EngineSpec("transformers", str(tiny_qwen_dir))
+    alive = True
     try:
+        rollouts = RolloutGroup(1, spec, actors=learners.actors)
         assert not rollouts.resizable
         with pytest.raises(ValueError, match="colocated engines live in the learner actors"):
             rollouts.add_workers(1)
         with pytest.raises(ValueError, match="colocated engines live in the learner actors"):
             rollouts.remove_workers(1)
         rollouts.shutdown()
-        assert ray.get(learners.actors[0].step.remote()) == 0  # shutting the rollouts down left the learner up
+        assert ray.get(learners.actors[0].step.remote()) == 0  # the rollouts' shutdown left the learner up
+
+        rollouts = RolloutGroup(1, spec, actors=learners.actors)
+        ray.kill(learners.actors[0], no_restart=True)  # the learner dies, and its engine with it
+        alive = False
+        with pytest.raises(RayActorError):  # raised to the driver, which names the resume command
+            rollouts.generate(requests(1, "dead"))
+        assert rollouts.num_workers == 0 and rollouts.restarts == 0  # dropped, nothing started in its place
     finally:
-        learners.shutdown()
+        if alive:
+            learners.shutdown()

@@ -129,7 +129,22 @@ class OnlineRun:
         self.start_step = int(state["step"])
         self.last_checkpoint = path
         self.broadcaster.broadcast(self.learners.step)  # engines start from the initial weights
+        self._sync_starting_engines()
         logger.info("resumed from %s at step %d", path, self.start_step)
+
+    def _sync_starting_engines(self) -> None:
+        """Wait for engines still starting at the restore's broadcast, then give them the restored weights.
+
+        A fresh run needs no wait: engines start with version 0, the initial weights. After a restore an
+        engine that missed the sync could take no work and the run would stop; slow starts (a large vLLM
+        engine) are normal, so they get up to ``resource_timeout_s`` more.
+        """
+        stale = set(self.rollouts.workers_needing_sync())
+        if not stale or self.rollouts.local is not None:
+            return
+        pings = [handle.ping.remote() for worker_id, handle in self.rollouts.workers if worker_id in stale]
+        ray.wait(pings, num_returns=len(pings), timeout=common.resource_timeout_s(self.cfg))
+        self._sync_new_workers(sorted(stale))
 
     def _save(self, step: int) -> Path:
         path = common.checkpoint_dir(self.run_dir, step)

@@ -8,6 +8,7 @@ actor feeds it (object-store transport), and the engine's generations equal a fr
 
 from __future__ import annotations
 
+import gc
 import shutil
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 
 from raylign.config import LearnerConfig, ModelConfig, SyncConfig, TrainConfig
 from raylign.learner.group import LearnerGroup
-from raylign.models.loading import load_processor
+from raylign.models.loading import load_model, load_processor
 from raylign.rollout.engine import EngineSpec
 from raylign.rollout.group import RolloutGroup
 from raylign.rollout.vllm import VLLMEngine
@@ -35,13 +36,15 @@ def ray_session():
 
 @pytest.fixture(scope="module")
 def parts(ray_session, vllm_model_dir):
+    # In-process vLLM engines of earlier tests tear torch.distributed down when collected; the
+    # learner in this process needs its own default group, so they go first.
+    gc.collect()
     learners = LearnerGroup(
         ModelConfig(name_or_path=str(vllm_model_dir)), TrainConfig(), LearnerConfig(num_learners=0), 1
     )
     rollouts = RolloutGroup(1, EngineSpec("vllm", str(vllm_model_dir), CPU_ENGINE_KWARGS))
     yield learners, rollouts
     rollouts.shutdown()
-    learners.shutdown()
 
 
 def _tokens(rollouts):
@@ -62,16 +65,11 @@ def test_sync_into_a_vllm_actor_equals_a_fresh_engine(parts, vllm_model_dir, tmp
     after = rollouts.generate(greedy)
     assert {r.policy_version for r in after} == {1} and _tokens(after) != _tokens(before)
 
-    # A fresh engine (in this process) from the learner's weights samples the same tokens.
-    fresh_dir = tmp_path / "fresh"
+    fresh_dir = tmp_path / "fresh"  # the learner's weights as a checkpoint, for a fresh engine below
     policy.save_pretrained(fresh_dir)
     load_processor(vllm_model_dir).save_pretrained(fresh_dir)
     shutil.copy(vllm_model_dir / "generation_config.json", fresh_dir)
-    fresh = VLLMEngine(str(fresh_dir), **CPU_ENGINE_KWARGS)
-    assert _tokens(fresh.generate(greedy)) == _tokens(after)
     sampled = rollouts.generate(requests(temperature=1.0, seed=4))
-    assert max_logprob_error(policy, load_processor(vllm_model_dir), sampled, 1.0, fresh.suppressed_ids) < 1e-4
-    del fresh
     collective.close()
 
     # Back to the original weights through the object store: the actor feeds its vLLM worker.
@@ -83,3 +81,10 @@ def test_sync_into_a_vllm_actor_equals_a_fresh_engine(parts, vllm_model_dir, tmp
     back = rollouts.generate(greedy)
     assert {r.policy_version for r in back} == {2} and _tokens(back) == _tokens(before)
     store.close()
+    learners.shutdown()  # before an in-process vLLM engine shares (and tears down) torch.distributed
+
+    # A fresh engine (in this process) from the synced weights samples what the actor sampled.
+    fresh = VLLMEngine(str(fresh_dir), **CPU_ENGINE_KWARGS)
+    assert _tokens(fresh.generate(greedy)) == _tokens(after)
+    synced = load_model(fresh_dir, dtype="float32")
+    assert max_logprob_error(synced, load_processor(fresh_dir), sampled, 1.0, fresh.suppressed_ids) < 1e-4

@@ -47,9 +47,10 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's `ray` and `raylign`
 START_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 60
-# Fast node-death detection: a crashed node is declared dead after ~1.5 s instead of Ray's ~30 s.
-FAST_HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
-                      "health_check_timeout_ms": 1000, "health_check_initial_delay_ms": 1000}
+# Node-death detection in ~5 s instead of Ray's ~30 s (a crashed raylet refuses every check at once),
+# with enough slack that a loaded 2-core machine does not get a live node declared dead.
+FAST_HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5,
+                      "health_check_timeout_ms": 3000, "health_check_initial_delay_ms": 1000}
 
 
 _GIVEN: set[int] = set()  # ports handed out by this process: nodes starting at once must not share one
@@ -146,6 +147,13 @@ def _descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:  # exited, or not ours to read: not a process to stop
+        return []
+
+
 def _terminate(proc: subprocess.Popen) -> list[psutil.Process]:
     """SIGTERM a `ray start --block` process and wait; returns its descendants that outlived it."""
     mine = _descendants(proc.pid)
@@ -232,6 +240,11 @@ class RayHead:
                 f"no dashboard at {self.address} after {timeout_s}s:\n{self.log_tail()}"
             time.sleep(0.5)
 
+    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        """The `ray` CLI against this head (an explicit --address: RAY_ADDRESS is not consulted)."""
+        return subprocess.run([str(BIN / "ray"), *args], env=self.env, cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+
     def connect(self, timeout_s: float = START_TIMEOUT_S) -> None:
         """Make this process the cluster's driver (``ray.init``), once the head's GCS listens."""
         import ray
@@ -248,6 +261,22 @@ class RayHead:
         assert self.env["RAY_AUTH_MODE"] == "disabled", "a driver cannot join a token-auth head (see the module doc)"
         ray.init(address=self.gcs_address, log_to_driver=False)
 
+    def _stop_fake_nodes(self) -> list[psutil.Process]:
+        """SIGTERM the nodes the fake provider started, as `ray down` ends a cluster's VMs; returns survivors.
+
+        They are the autoscaler's (the monitor process's) children, not the head's own processes, so
+        stopping the head alone would leave them running.
+        """
+        monitors = [p for p in _descendants(self.proc.pid) if "monitor.py" in " ".join(_cmdline(p))]
+        nodes = [c for m in monitors for c in _descendants(m.pid)]
+        for p in nodes:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                continue  # already gone
+        _, alive = psutil.wait_procs(nodes, timeout=STOP_TIMEOUT_S / 4)
+        return alive
+
     def stop(self) -> list[str]:
         """Disconnect, SIGTERM the head (it stops all it started); returns what outlived it.
 
@@ -258,7 +287,8 @@ class RayHead:
 
         if ray.is_initialized():
             ray.shutdown()
-        alive = _terminate(self.proc)
+        alive = self._stop_fake_nodes()
+        alive += _terminate(self.proc)
         alive += [p for p in psutil.process_iter(["cmdline"]) if p not in alive
                   and str(self.temp_dir) in " ".join(p.info["cmdline"] or ())]
         left = []

@@ -6,36 +6,20 @@ unchanged, with the overrides of its `# tiny:` line (paths pointed at this test'
 The job's driver joins the head through RAY_ADDRESS (``common.init_ray``) and must finish
 SUCCEEDED, leaving the run directory of the contract.
 
-The head is kept apart from any other Ray on the machine (another test module's ``ray.init`` in
-this very process, another engineer's run):
-- own ports and own ``--temp-dir``: the address file ``ray start`` writes lives there, so a bare
-  ``ray.init()`` elsewhere never joins this head;
-- it runs as ``ray start --head --block`` in a session of its own, and SIGTERM to that one process
-  drains the node and stops every process it started. ``ray stop`` is never used: Ray 2.60 finds
-  what it stops by process name (gcs_server, raylet, ...) machine-wide, so it would kill every
-  Ray instance this user runs;
-- token authentication with a token of its own. Ray 2.60 turns token auth on for a head whenever
-  ~/.ray/auth_token exists, and the CLI and ``JobSubmissionClient`` then only send the token
-  when RAY_AUTH_MODE=token is set: passing both explicitly makes the test independent of ~/.ray.
+The head (tests/ray_nodes.py ``RayHead``) is kept apart from any other Ray on the machine: own
+ports, temp dir and auth token, stopped by SIGTERM to its `ray start --block` (never `ray stop`).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
 import shlex
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-import psutil
+from ray_nodes import RayHead
 
 from raylign.config import load_config
 from raylign.data.synthetic import make_dataset
@@ -43,24 +27,9 @@ from raylign.driver.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = "jobs/grpo_qwen2_5_vl_3b.yaml"
-BIN = Path(sys.executable).parent  # the venv's `ray` and `raylign`
 JOB_ID = "raylign-tiny-grpo"
 STEPS = 2
-START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 600  # generous: a hang fails the test instead of blocking CI
-STOP_TIMEOUT_S = 60
-
-
-def free_ports(n: int) -> list[int]:
-    """`n` distinct ports free on loopback now (all held open together so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def tiny_overrides(model: Path, data: Path) -> list[str]:
@@ -82,97 +51,6 @@ def tiny_overrides(model: Path, data: Path) -> list[str]:
         out.append(f"{key}={value}")
     assert swapped == set(swaps), f"{RECIPE}: the tiny line no longer names {set(swaps) - swapped}"
     return out
-
-
-# Runs `ray start` (argv[1:]) with PR_SET_PDEATHSIG = SIGTERM, kept across exec: if pytest is killed,
-# the head still gets its SIGTERM and stops all it started. A launcher, not preexec_fn: this process
-# may hold Ray's threads (another module's ray.init), and code between fork and exec is unsafe then.
-_LAUNCH = ("import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0); "
-           "os.execv(sys.argv[1], sys.argv[1:])")
-
-
-class RayHead:
-    """A `ray start --head --block` on loopback with its own ports, temp dir and auth token."""
-
-    def __init__(self, log_path: Path):
-        gcs, dash, agent, client = free_ports(4)
-        self.gcs_port = gcs
-        self.address = f"http://127.0.0.1:{dash}"
-        # Short: Unix socket paths under it (session_*/sockets/plasma_store) must stay < 108 bytes.
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
-        self.token = secrets.token_hex(32)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
-        # The venv first on PATH: the job's entrypoint `raylign` is resolved by a shell on the node.
-        self.env = {**env, "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-                    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-                    # On SIGTERM the head drains first, up to 30 s by default while a job still runs.
-                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "5",
-                    "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
-        self.log_path = log_path
-        cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-               f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-               "--num-cpus=4", "--disable-usage-stats", f"--temp-dir={self.temp_dir}"]
-        if sys.platform.startswith("linux"):
-            cmd = [sys.executable, "-c", _LAUNCH, *cmd]
-        with open(log_path, "w") as log:  # its own session: signals meant for pytest's group skip it
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                         start_new_session=True)
-
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text()[-chars:]
-
-    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        """Until the job API answers an authenticated request; fails at once if the head exits."""
-        request = urllib.request.Request(f"{self.address}/api/version",
-                                         headers={"Authorization": f"Bearer {self.token}"})
-        deadline = time.monotonic() + timeout_s
-        while True:
-            assert self.proc.poll() is None, f"ray start exited ({self.proc.returncode}):\n{self.log_tail()}"
-            try:
-                with urllib.request.urlopen(request, timeout=5) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass  # not listening yet (or 401 while the dashboard's modules load): poll again
-            assert time.monotonic() < deadline, \
-                f"no dashboard at {self.address} after {timeout_s}s:\n{self.log_tail()}"
-            time.sleep(0.5)
-
-    def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        """The `ray` CLI against this head (an explicit --address: RAY_ADDRESS is not consulted)."""
-        return subprocess.run([str(BIN / "ray"), *args], env=self.env, cwd=REPO, capture_output=True,
-                              text=True, timeout=timeout, check=False)
-
-    def stop(self) -> list[str]:
-        """SIGTERM the `ray start --block` process (it stops all it started); returns what outlived it.
-
-        Anything still alive afterwards was started by this head (a descendant, or a process naming
-        its temp dir); it is killed by pid and reported, never matched by name.
-        """
-        try:
-            mine = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            mine = []
-        self.proc.terminate()
-        try:
-            self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-        _, alive = psutil.wait_procs(mine, timeout=STOP_TIMEOUT_S / 2)
-        alive += [p for p in psutil.process_iter(["cmdline"]) if p not in alive
-                  and str(self.temp_dir) in " ".join(p.info["cmdline"] or ())]
-        left = []
-        for p in alive:
-            try:
-                left.append(f"{p.pid} {p.name()}")
-                p.kill()
-            except psutil.NoSuchProcess:
-                continue  # it exited between the check and the kill: not left behind
-        psutil.wait_procs(alive, timeout=10)
-        shutil.rmtree(self.temp_dir)
-        return left
 
 
 def uploaded_package(temp_dir: Path) -> Path:

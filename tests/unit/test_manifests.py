@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import yaml
+from cluster_shape import custom_resources, gpus  # shared with the multi-node e2e tests' clusters
 
 jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is in raylign[test]: pip install jsonschema")
 
@@ -251,19 +252,6 @@ def test_nothing_is_exposed_outside_the_cluster(name, doc):
 
 
 # ------------------------------------------------------------------ cluster layout
-
-
-def custom_resources(group: dict) -> dict[str, float]:
-    """Custom Ray resources a group declares (rayStartParams' JSON-in-a-string, or the `resources` field)."""
-    raw = group.get("rayStartParams", {}).get("resources")
-    declared = json.loads(json.loads(raw)) if raw else {}
-    declared.update({k: float(v) for k, v in group.get("resources", {}).items()})
-    return declared
-
-
-def gpus(template: dict) -> int:
-    limits = template["spec"]["containers"][0]["resources"].get("limits", {})
-    return int(limits.get("nvidia.com/gpu", 0))
 
 
 @pytest.mark.parametrize("name,doc", ray_docs(), ids=lambda x: x if isinstance(x, str) else x["kind"])

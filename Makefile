@@ -53,13 +53,13 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 --ignore=tests/vllm
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 --ignore=tests/vllm_cpu
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_PY) -m pytest tests/vllm -q -p no:cacheprovider --durations=10
+	$(VLLM_PY) -m pytest tests/vllm_cpu -q -p no:cacheprovider --durations=10
 
 bench: $(STAMP)
 	$(VENV)/bin/raylign bench --quick --out bench_out

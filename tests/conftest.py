@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-_TIERS = ("unit", "actors", "e2e", "gpu", "vllm")
+_TIERS = ("unit", "actors", "e2e", "gpu", "vllm_cpu")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "vllm: real vLLM code on CPU, in .venv-vllm (tests/vllm, `make test-vllm`)")
+    config.addinivalue_line("markers", "vllm_cpu: real vLLM code on CPU, in .venv-vllm (tests/vllm_cpu, `make test-vllm`)")
 
 
 def pytest_collection_modifyitems(config, items):

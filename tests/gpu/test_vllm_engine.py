@@ -2,7 +2,7 @@
 
 vLLM: n completions with images, logprobs against the learner's teacher forcing, weights through
 the receiver in vLLM's worker (layerwise reload), the encoder cache reset, sleep/wake. The same
-checks run on CPU with real vLLM in tests/vllm; jobs/gpu_smoke.py is the one-line-per-check version.
+checks run on CPU with real vLLM in tests/vllm_cpu; jobs/gpu_smoke.py is the one-line-per-check version.
 The tiny model has text hidden 256 (head_dim 64), which vLLM's attention kernels accept, and is
 used as raylign saves it (stock processor files).
 """

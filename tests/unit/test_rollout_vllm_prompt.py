@@ -46,9 +46,7 @@ def test_sampling_kwargs_map_every_setting():
 
 
 def test_sampling_kwargs_are_accepted_by_real_vllm():
-    vllm = pytest.importorskip("vllm")
-    if not hasattr(vllm, "SamplingParams"):  # tests/vllm seen as a namespace package
-        pytest.skip("vLLM is not installed (make test-vllm runs with it)")
+    vllm = pytest.importorskip("vllm", reason="vLLM is not installed (make test-vllm runs with it)")
     params = vllm.SamplingParams(**vllm_sampling_kwargs(SamplingParams(n=2, top_k=5), (3,)))
     assert params.n == 2 and params.logprobs == 0 and params.top_k == 5
 

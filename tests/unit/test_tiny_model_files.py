@@ -1,6 +1,6 @@
 """Defect 8: a tiny Qwen2.5-VL (and a raylign checkpoint's processor) is saved as the stock files, so
 ``AutoProcessor`` and vLLM read it unchanged; the torchvision-free processor is only a load-time
-substitute inside raylign. (vLLM reading it: every engine in tests/vllm is built on such a directory.)"""
+substitute inside raylign. (vLLM reading it: every engine in tests/vllm_cpu is built on such a directory.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The vLLM weight path's plain parts, without vLLM: the layout that crosses ``collective_rpc``, the
 engine process feeding its workers over a real gloo group, the engine options (defects 2, 7), the
-level-2 sleep rule (defect 6). Real vLLM runs the same code in tests/vllm."""
+level-2 sleep rule (defect 6). Real vLLM runs the same code in tests/vllm_cpu."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class _Model(torch.nn.Module):
 
 
 class _Worker(WeightReceiverExtension):
-    """vLLM's worker with the extension mixed in; vLLM's layerwise reload is what tests/vllm checks."""
+    """vLLM's worker with the extension mixed in; vLLM's layerwise reload is what tests/vllm_cpu checks."""
 
     def __init__(self):
         self.model_runner = SimpleNamespace(model=_Model())

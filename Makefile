@@ -54,7 +54,7 @@ demo: $(STAMP)
 	$(PY) jobs/demo.py --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 --ignore=tests/vllm_cpu --ignore=tests/cluster
+	$(PY) -m pytest tests -q -p no:cacheprovider --durations=15 --ignore=tests/vllm_cpu --ignore=tests/cluster -n 2 --dist loadfile
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit -q -p no:cacheprovider
